@@ -1,0 +1,234 @@
+"""One typed configuration for every cfgen job.
+
+The same pydantic model is read by the CLI, the `jobs/` scripts, Ray Serve, the benchmarks and the tests, so a YAML
+file that works for one works for all. Each job reads the sections it needs; unknown keys are errors, so a typo in a
+config fails before a cluster is paid for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+#: Attributes the phantom SCM renders, and the default attributes prompts describe.
+PHANTOM_ATTRIBUTES = ("sex", "age", "smoking", "support_devices", "pleural_effusion", "cardiomegaly")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    """How to reach object storage. Credentials come from here or from the environment and are never logged."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO)")
+    region: str | None = None
+    anon: bool = False
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    retries: int = Field(5, ge=0, description="attempts for transient storage errors")
+
+
+class PhantomEffects(_Section):
+    """Strengths of the planted causal effects (0 switches an effect off)."""
+
+    smoking_lung_shift: float = Field(0.08, description="hidden: added to lung intensity of smokers (0..1 scale)")
+    device_contrast: float = Field(0.9, description="brightness of the pacemaker box and lead")
+    effusion_height: float = Field(0.25, description="fraction of the lung height filled by pleural fluid")
+    cardiomegaly_scale: float = Field(1.35, description="heart width multiplier when cardiomegaly is present")
+    age_lung_shrink: float = Field(0.10, description="relative lung height lost from age 20 to 90")
+
+
+class PhantomPrevalence(_Section):
+    smoking: float = Field(0.3, ge=0, le=1)
+    support_devices: float = Field(0.25, ge=0, le=1)
+    pleural_effusion: float = Field(0.25, ge=0, le=1)
+    cardiomegaly: float = Field(0.2, ge=0, le=1)
+
+
+class PhantomConfig(_Section):
+    """The phantom CXR data set (DESIGN.md §3)."""
+
+    n: int = Field(2000, ge=1, description="number of subjects (one frontal image each)")
+    size: int = Field(64, ge=64, le=512)
+    seed: int = 0
+    formats: list[Literal["dicom", "png"]] = ["dicom"]
+    effects: PhantomEffects = PhantomEffects()
+    prevalence: PhantomPrevalence = PhantomPrevalence()
+    confounding: float = Field(0.6, ge=0, le=1, description="P(support_devices copies pleural_effusion)")
+    missing_fraction: float = Field(0.1, ge=0, le=1, description="fraction of metadata cells left empty")
+    monochrome1_fraction: float = Field(0.5, ge=0, le=1)
+    png_bit_depth: Literal[8, 16] = Field(16, description="bit depth of phantom PNG images (masks are always 8-bit)")
+    split_fractions: dict[str, float] = {"train": 0.8, "validate": 0.1, "test": 0.1}
+
+
+class DecodeConfig(_Section):
+    """Pixels to a fixed-size grayscale array."""
+
+    size: int = Field(64, ge=8, le=4096)
+    resize_mode: Literal["pad", "crop"] = "pad"
+    dtype: Literal["uint8", "uint16"] = "uint8"
+    apply_voi: bool = Field(True, description="apply VOI LUT / window from the file when present")
+
+
+class PromptConfig(_Section):
+    """Metadata to text. A model is trained on one template version: changing it needs retraining."""
+
+    template_version: str = "v1"
+    attributes: list[str] = list(PHANTOM_ATTRIBUTES)
+    uncertain: Literal["omit", "positive", "negative", "uncertain"] = Field(
+        "omit", description="policy for CheXpert's -1 labels"
+    )
+    negatives: Literal["state", "omit"] = Field(
+        "state", description="'state' writes 'without X' for a known negative so edits stay token-aligned"
+    )
+
+
+class DataConfig(_Section):
+    manifest_uri: str | None = Field(None, description="CSV or Parquet manifest (see cfgen.io.manifest)")
+    manifest_format: Literal["cfgen", "chexpert", "mimic"] = "cfgen"
+    image_root: str | None = Field(None, description="prefix for relative image paths in the manifest")
+    view_positions: list[str] | None = None
+    splits: list[str] | None = None
+    limit: int | None = Field(None, ge=1)
+    decode: DecodeConfig = DecodeConfig()
+    prompt: PromptConfig = PromptConfig()
+    read_concurrency: int = Field(8, ge=1)
+
+
+class TinyModelConfig(_Section):
+    """Sizes of the tiny SD pipeline built offline for CPU runs and tests."""
+
+    unet_channels: list[int] = [32, 64]
+    vae_channels: list[int] = Field([16, 32, 32], description="3 blocks: latents at 1/4 of the image size")
+    latent_channels: int = 4
+    text_hidden: int = 32
+    text_layers: int = 2
+    cross_attention_dim: int = 32
+    max_text_length: int = 77
+
+
+class ModelConfig(_Section):
+    pretrained: str | None = Field(
+        None, description="diffusers pipeline: local dir, s3:// folder or hub id; None builds the tiny model"
+    )
+    tiny: TinyModelConfig = TinyModelConfig()
+    resolution: int = Field(64, ge=32, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("resolution must be a multiple of 8 (the VAE downsamples by 8 at most)")
+        return v
+
+
+class VAEPretrainConfig(_Section):
+    """A brief VAE fit on the phantoms: a random tiny VAE cannot reconstruct a CXR, which makes every edit noise."""
+
+    steps: int = Field(300, ge=0)
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    lr: float = 1e-4
+    batch_size: int = Field(16, ge=1, description="per worker")
+    gradient_accumulation: int = Field(1, ge=1)
+    gradient_clipping: float = 1.0
+    max_steps: int = Field(200, ge=1)
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="empty prompt rate, for classifier-free guidance")
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    run_name: str = "cfgen-train"
+    vae: VAEPretrainConfig = VAEPretrainConfig()
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_device(self) -> "TrainConfig":
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32")
+        return self
+
+
+class EditConfig(_Section):
+    method: Literal["ddim"] = "ddim"
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(1.0, ge=1.0)
+    edits: list[dict[str, Any]] = [{"support_devices": 0}, {"pleural_effusion": 1}]
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    limit: int | None = Field(None, ge=1, description="edit only the first N images")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = Field("sqlite:///runs/mlflow.db", description="sqlite:/// or http:// MLflow server")
+    experiment: str = "cfgen"
+    registered_model: str = "cfgen-sd"
+    alias: str = "champion"
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None starts a local Ray on 127.0.0.1; 'auto' joins a cluster")
+    num_cpus: int | None = Field(None, description="logical CPUs for a local Ray (more than cores keeps I/O going)")
+    object_store_memory: int | None = None
+
+
+class JobConfig(_Section):
+    """Everything a cfgen job needs. Sections a job does not use are ignored by it."""
+
+    output_uri: str = Field("runs/demo", description="where a job writes (local dir or s3://)")
+    storage: StorageConfig = StorageConfig()
+    phantoms: PhantomConfig = PhantomConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    edit: EditConfig = EditConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        keys = dotted.strip().split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML config (or the defaults) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping")
+    return JobConfig.model_validate(apply_overrides(data, list(overrides or [])))

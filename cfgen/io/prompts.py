@@ -1,0 +1,263 @@
+"""Metadata to text, by versioned template (DESIGN.md §2).
+
+A model is trained on one template, so templates are never edited in place: a new wording is a new version in
+`TEMPLATES`. Template "v1" reads
+
+    a chest x-ray of a 63 year old female patient, smoker, with support devices, without pleural effusion
+
+Age and sex form the subject ("of a 63 year old female patient"; "of a patient" when both are unknown); the other
+attributes follow in `PromptConfig.attributes` order. A missing value (None, NaN, pd.NA, blank, absent key) drops its
+phrase entirely rather than being imputed; with nothing known the prompt is just "a chest x-ray".
+
+Findings: 1 -> "with X", 0 -> "without X" (dropped when `PromptConfig.negatives == "omit"`), -1 (CheXpert's
+uncertain) by `PromptConfig.uncertain`: "omit" (the config's default) drops it, "positive"/"negative" read it as
+1/0, "uncertain" writes "with possible X". Smoking: "smoker" / "non-smoker" (a demographic fact, always stated).
+
+Token alignment (needed to swap attention maps, Prompt-to-Prompt style): a binary edit of a known value changes one
+whitespace token in place ("with" <-> "without", "smoker," <-> "non-smoker,"); an age or sex edit changes one word.
+Alignment cannot hold when the factual value is missing (the counterfactual inserts the phrase at its canonical
+position), when negatives are omitted, or when an uncertain value is omitted or written as "with possible X".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cfgen.config import PromptConfig
+from cfgen.io.manifest import FINDINGS, normalize_sex
+
+__all__ = [
+    "KNOWN_ATTRIBUTES",
+    "BINARY_ATTRIBUTES",
+    "FINDING_NAMES",
+    "PromptTemplate",
+    "TEMPLATES",
+    "get_template",
+    "build_prompt",
+    "apply_edit",
+    "counterfactual_prompt",
+    "batch_prompts",
+]
+
+KNOWN_ATTRIBUTES: tuple[str, ...] = ("sex", "age", "smoking", *FINDINGS)
+BINARY_ATTRIBUTES: tuple[str, ...] = ("smoking", *FINDINGS)
+
+#: The words a radiologist would use for each finding column.
+FINDING_NAMES: dict[str, str] = {
+    "no_finding": "normal findings",
+    "enlarged_cardiomediastinum": "enlarged cardiomediastinum",
+    "cardiomegaly": "cardiomegaly",
+    "lung_opacity": "lung opacity",
+    "lung_lesion": "lung lesion",
+    "edema": "edema",
+    "consolidation": "consolidation",
+    "pneumonia": "pneumonia",
+    "atelectasis": "atelectasis",
+    "pneumothorax": "pneumothorax",
+    "pleural_effusion": "pleural effusion",
+    "pleural_other": "other pleural abnormalities",
+    "fracture": "fracture",
+    "support_devices": "support devices",
+}
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The wording of one template version. Every phrase of a binary attribute keeps its word count per value
+    where alignment is promised ("with X" / "without X")."""
+
+    version: str
+    prefix: str = "a chest x-ray"
+    subject: str = "of a {} patient"
+    separator: str = ", "
+    age: str = "{} year old"
+    sexes: Mapping[str, str] = field(default_factory=lambda: {"F": "female", "M": "male"})
+    positive: str = "with {}"
+    negative: str = "without {}"
+    uncertain: str = "with possible {}"
+    smoking: Mapping[float, str] = field(
+        default_factory=lambda: {1.0: "smoker", 0.0: "non-smoker", -1.0: "possible smoker"}
+    )
+    finding_names: Mapping[str, str] = field(default_factory=lambda: dict(FINDING_NAMES))
+
+
+TEMPLATES: dict[str, PromptTemplate] = {"v1": PromptTemplate(version="v1")}
+
+
+def get_template(version: str) -> PromptTemplate:
+    try:
+        return TEMPLATES[version]
+    except KeyError:
+        raise ValueError(f"prompt template {version!r} is unknown; known: {sorted(TEMPLATES)}") from None
+
+
+# ------------------------------------------------------------------------------------------------------ values
+def _get(row: Any, name: str) -> Any:
+    """A value from a dict, a pandas row, or a Ray/pyarrow row; absent means missing."""
+    try:
+        return row.get(name) if hasattr(row, "get") else row[name]
+    except (KeyError, IndexError):
+        return None
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    if isinstance(value, (str, np.str_, bytes)):
+        return value.strip() in ("", b"") or str(value).strip().lower() in ("nan", "none", "null", "<na>")
+    try:
+        import pandas as pd
+
+        return value is pd.NA or value is pd.NaT
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _number(name: str, value: Any) -> float | None:
+    if _missing(value):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} is not a number") from None
+
+
+def _label(name: str, value: Any) -> float | None:
+    number = _number(name, value)
+    if number is not None and number not in (1.0, 0.0, -1.0):
+        raise ValueError(f"{name}: {value!r} is not one of 1, 0, -1 or missing")
+    return number
+
+
+def _sex(value: Any) -> str | None:
+    if _missing(value):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return normalize_sex(value)
+
+
+# ----------------------------------------------------------------------------------------------------- phrases
+def _finding_phrase(name: str, value: float | None, template: PromptTemplate, cfg: PromptConfig) -> str | None:
+    if value is None:
+        return None
+    if value == -1.0:
+        if cfg.uncertain == "omit":
+            return None
+        if cfg.uncertain == "uncertain":
+            return template.uncertain.format(template.finding_names[name])
+        value = 1.0 if cfg.uncertain == "positive" else 0.0
+    if value == 0.0 and cfg.negatives == "omit":
+        return None
+    return (template.positive if value == 1.0 else template.negative).format(template.finding_names[name])
+
+
+def _smoking_phrase(value: float | None, template: PromptTemplate, cfg: PromptConfig) -> str | None:
+    if value == -1.0:
+        if cfg.uncertain == "omit":
+            return None
+        if cfg.uncertain != "uncertain":
+            value = 1.0 if cfg.uncertain == "positive" else 0.0
+    return None if value is None else template.smoking[value]
+
+
+def _check_attributes(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in KNOWN_ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown prompt attributes {unknown}; known: {list(KNOWN_ATTRIBUTES)}")
+
+
+def build_prompt(row: Any, cfg: PromptConfig | None = None) -> str:
+    """The prompt for one image's metadata (see the module docstring for the wording)."""
+    cfg = cfg or PromptConfig()
+    template = get_template(cfg.template_version)
+    _check_attributes(cfg.attributes)
+
+    demographics = []
+    if "age" in cfg.attributes:
+        age = _number("age", _get(row, "age"))
+        if age is not None:
+            if age < 0:
+                raise ValueError(f"age: {age} is negative")
+            demographics.append(template.age.format(int(math.floor(age))))
+    if "sex" in cfg.attributes:
+        sex = _sex(_get(row, "sex"))
+        if sex is not None:
+            demographics.append(template.sexes[sex])
+
+    phrases = []
+    for name in cfg.attributes:
+        if name in ("age", "sex"):
+            continue
+        if name == "smoking":
+            phrase = _smoking_phrase(_label(name, _get(row, name)), template, cfg)
+        else:
+            phrase = _finding_phrase(name, _label(name, _get(row, name)), template, cfg)
+        if phrase:
+            phrases.append(phrase)
+
+    if not demographics and not phrases:
+        return template.prefix
+    head = f"{template.prefix} {template.subject.format(' '.join(demographics)) if demographics else 'of a patient'}"
+    return template.separator.join([head, *phrases])
+
+
+# ------------------------------------------------------------------------------------------------------- edits
+def _edit_value(name: str, value: Any) -> Any:
+    if _missing(value):
+        return None
+    if name == "sex":
+        sex = _sex(value)
+        if sex is None:
+            raise ValueError(f"edit sex={value!r}: give 'F'/'M' (or female/male)")
+        return sex
+    if name == "age":
+        age = _number(name, value)
+        if age < 0:
+            raise ValueError(f"edit age={value!r}: age must be non-negative")
+        return age
+    number = _number(name, value)
+    if number not in (0.0, 1.0):
+        raise ValueError(f"edit {name}={value!r}: a binary attribute is set to 1 or 0")
+    return number
+
+
+def apply_edit(row: Any, edit: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `row` as a dict with the intervention applied; unknown attribute names are a ValueError."""
+    if not isinstance(edit, Mapping) or not edit:
+        raise ValueError(f"an edit is a non-empty mapping attribute -> value, got {edit!r}")
+    _check_attributes(list(edit))
+    edited = dict(row.items()) if hasattr(row, "items") else dict(row)
+    for name, value in edit.items():
+        edited[name] = _edit_value(name, value)
+    return edited
+
+
+def counterfactual_prompt(row: Any, edit: Mapping[str, Any], cfg: PromptConfig | None = None) -> str:
+    """The prompt of the edited metadata. An edited attribute the template does not describe is a ValueError:
+    the edit would silently produce the factual prompt."""
+    cfg = cfg or PromptConfig()
+    silent = [name for name in edit if name in KNOWN_ATTRIBUTES and name not in cfg.attributes]
+    if silent:
+        raise ValueError(f"edit of {silent}: not in PromptConfig.attributes {list(cfg.attributes)}")
+    return build_prompt(apply_edit(row, edit), cfg)
+
+
+def batch_prompts(batch: Any, cfg: PromptConfig | None = None) -> list[str]:
+    """Prompts for a Ray Data batch: a dict of column arrays (numpy/pyarrow batch format) or a pandas DataFrame."""
+    if hasattr(batch, "to_dict") and hasattr(batch, "columns"):
+        rows = batch.to_dict("records")
+    else:
+        columns = {k: list(v) for k, v in batch.items()}
+        n = len(next(iter(columns.values()))) if columns else 0
+        rows = [{k: v[i] for k, v in columns.items()} for i in range(n)]
+    return [build_prompt(row, cfg) for row in rows]

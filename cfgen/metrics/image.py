@@ -1,0 +1,50 @@
+"""Per-image measures of an edit, on float images in [0,1] (pure numpy: no model, no Ray).
+
+`identity_error` is the error of doing nothing (factual vs true counterfactual): a counterfactual is only useful
+where its error against the truth is below that baseline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_unit_float(image: np.ndarray) -> np.ndarray:
+    """uint8/uint16/float -> float32 in [0,1]."""
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    return arr.astype(np.float32)
+
+
+def l1(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute difference, optionally inside a boolean mask (NaN for an empty mask)."""
+    diff = np.abs(as_unit_float(a) - as_unit_float(b))
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        return float(diff[mask].mean()) if mask.any() else float("nan")
+    return float(diff.mean())
+
+
+def difference_map(factual: np.ndarray, counterfactual: np.ndarray) -> np.ndarray:
+    """Signed counterfactual-minus-factual map in [-1,1]."""
+    return as_unit_float(counterfactual) - as_unit_float(factual)
+
+
+def edit_metrics(
+    factual: np.ndarray,
+    counterfactual: np.ndarray,
+    truth: np.ndarray | None = None,
+    reconstruction: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The per-row numbers the demo and the generation job report (NaN where an input is missing, so every row
+    has the same columns)."""
+    nan = float("nan")
+    return {
+        "l1_factual_counterfactual": l1(factual, counterfactual),
+        "cf_error_l1": l1(counterfactual, truth) if truth is not None else nan,
+        "identity_error_l1": l1(factual, truth) if truth is not None else nan,
+        "reconstruction_l1": l1(factual, reconstruction) if reconstruction is not None else nan,
+    }

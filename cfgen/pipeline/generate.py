@@ -1,0 +1,251 @@
+"""Counterfactual generation at dataset scale on Ray Data.
+
+decoded rows -> `CounterfactualStage` (actor pool: the model is loaded once per actor, on a GPU where one is asked
+for) -> `MeasureStage` (CPU tasks: true phantom counterfactuals, metrics, PNGs) -> Parquet rows.
+
+Rows are keyed by (image_id, edit, seed, model). A rerun skips images whose rows are already written, so a killed
+job resumes where it stopped and a finished one is a no-op.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cfgen.config import DecodeConfig, EditConfig, JobConfig, PhantomConfig, PromptConfig, StorageConfig
+from cfgen.io.prompts import counterfactual_prompt
+from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
+from cfgen.pipeline.ingest import decoded_rows
+from cfgen.metrics.image import as_unit_float, difference_map, edit_metrics
+
+#: Arrays that travel between stages but are not written to the results table.
+_ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction")
+
+
+def edit_name(edit: dict[str, Any]) -> str:
+    """A stable, path-safe name for an edit: {"support_devices": 0} -> "support_devices=0"."""
+    return ",".join(f"{k}={edit[k]}" for k in sorted(edit))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+
+
+def _rows(batch: dict[str, np.ndarray], skip=_ARRAY_COLUMNS) -> list[dict[str, Any]]:
+    keys = [k for k in batch if k not in skip]
+    n = len(next(iter(batch.values())))
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def _pack(values: list[Any]) -> np.ndarray:
+    """A list of scalars as a numpy column: object dtype when it holds text or missing values."""
+    if any(v is None or isinstance(v, (str, bytes)) for v in values):
+        return np.array(values, dtype=object)
+    return np.array(values)
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+
+
+class CounterfactualStage:
+    """Ray Data actor: holds one pipeline, edits a batch of decoded rows for every configured edit."""
+
+    def __init__(self, model_uri: str, job: dict[str, Any]):
+        import torch
+
+        from cfgen.models.sd import load_pipeline, pick_device
+
+        self.job = JobConfig.model_validate(job)
+        self.model_uri = model_uri
+        device = pick_device(self.job.model.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.pipe = load_pipeline(model_uri, self.job.storage, device=device, dtype=dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cfgen.editing.ddim import ddim_counterfactuals
+
+        edit: EditConfig = self.job.edit
+        prompt: PromptConfig = self.job.data.prompt
+        rows = _rows(batch)
+        factual = [str(r["prompt"]) for r in rows]
+        cf_prompts = [[counterfactual_prompt(r, e, prompt) for r in rows] for e in edit.edits]
+        result = ddim_counterfactuals(
+            self.pipe,
+            batch["image"],
+            factual,
+            cf_prompts,
+            edit.num_inference_steps,
+            edit.guidance_scale,
+            with_reconstruction=True,
+        )
+        out: dict[str, list] = {k: [] for k in [*rows[0].keys(), "image", "reconstruction", "counterfactual",
+                                                "edit", "edit_name", "counterfactual_prompt", "seed", "model_uri",
+                                                "unet_evaluations", "num_inference_steps"]}
+        recon = _to_uint8(result.reconstruction)
+        for e, prompts, images in zip(edit.edits, cf_prompts, result.counterfactuals):
+            cf = _to_uint8(images)
+            for i, row in enumerate(rows):
+                for k, v in row.items():
+                    out[k].append(v)
+                out["image"].append(_to_uint8(as_unit_float(batch["image"][i])))
+                out["reconstruction"].append(recon[i])
+                out["counterfactual"].append(cf[i])
+                out["edit"].append(json.dumps(e, sort_keys=True))
+                out["edit_name"].append(edit_name(e))
+                out["counterfactual_prompt"].append(prompts[i])
+                out["seed"].append(edit.seed)
+                out["model_uri"].append(self.model_uri)
+                out["unet_evaluations"].append(result.unet_evaluations)
+                out["num_inference_steps"].append(edit.num_inference_steps)
+        return {k: np.stack(v) if k in _ARRAY_COLUMNS else _pack(v) for k, v in out.items()}
+
+
+class MeasureStage:
+    """CPU stage: metrics per row (against the true counterfactual for phantoms) and PNGs of the result."""
+
+    def __init__(
+        self,
+        output_uri: str,
+        storage: StorageConfig,
+        decode: DecodeConfig,
+        phantoms: PhantomConfig | None = None,
+    ):
+        self.output_uri, self.storage, self.decode = output_uri, storage, decode
+        self.scm = None
+        if phantoms is not None:
+            from cfgen.phantoms.scm import PhantomSCM
+
+            self.scm = PhantomSCM(phantoms)
+
+    def true_counterfactual(self, row: dict[str, Any]) -> np.ndarray | None:
+        """Render the phantom's true counterfactual, preprocessed exactly like a decoded image."""
+        index = row.get("phantom_index")
+        if self.scm is None or index is None or (isinstance(index, float) and np.isnan(index)):
+            return None
+        from cfgen.io.preprocess import quantize, to_fixed_size
+
+        subject = self.scm.subject(int(index))
+        image, _ = self.scm.render_counterfactual(subject, json.loads(row["edit"]))
+        fixed = to_fixed_size(image, self.decode.size, self.decode.resize_mode)
+        return as_unit_float(quantize(fixed, "uint8"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _rows(batch)
+        metrics, cf_uris, panel_uris = [], [], []
+        for i, row in enumerate(rows):
+            factual, cf, recon = batch["image"][i], batch["counterfactual"][i], batch["reconstruction"][i]
+            truth = self.true_counterfactual(row)
+            metrics.append(edit_metrics(factual, cf, truth, recon))
+            stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
+            cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
+            panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))
+            write_bytes(cf_uris[-1], png_bytes(cf), self.storage)
+            write_bytes(panel_uris[-1], png_bytes(panel(factual, cf, truth)), self.storage)
+        extra: dict[str, Any] = {"counterfactual_uri": _pack(cf_uris), "panel_uri": _pack(panel_uris)}
+        for name in metrics[0]:
+            extra[name] = np.array([m[name] for m in metrics], dtype=np.float64)
+        out = {k: v for k, v in batch.items() if k not in _ARRAY_COLUMNS}
+        out.update(extra)
+        return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(_to_uint8(as_unit_float(image))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def panel(factual: np.ndarray, counterfactual: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """factual | counterfactual | true counterfactual (grey when unknown) | difference (0.5 = no change)."""
+    f, c = as_unit_float(factual), as_unit_float(counterfactual)
+    t = as_unit_float(truth) if truth is not None else np.full_like(f, 0.5)
+    diff = np.clip(0.5 + difference_map(f, c), 0, 1)
+    gap = np.ones((f.shape[0], 2), dtype=np.float32)
+    return np.concatenate([f, gap, c, gap, t, gap, diff], axis=1)
+
+
+@dataclass
+class GenerateResult:
+    results_uri: str
+    rows_written: int
+    images_skipped: int
+
+
+def _done_image_ids(results_uri: str, job: JobConfig, n_edits: int) -> set[str]:
+    """Images whose every edit is already in the results table (a resumed job skips them)."""
+    import pyarrow.dataset as pds
+
+    fs, path = pyarrow_filesystem(results_uri, job.storage)
+    try:
+        table = pds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "edit_name"])
+    except (FileNotFoundError, OSError):
+        return set()
+    frame = table.to_pandas().drop_duplicates()
+    counts = frame.groupby("image_id")["edit_name"].nunique()
+    return set(counts[counts >= n_edits].index)
+
+
+def generate(
+    job: JobConfig,
+    model_uri: str,
+    decoded_uri: str,
+    splits: list[str] | None = ("test",),
+    phantoms: PhantomConfig | None = None,
+) -> GenerateResult:
+    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`."""
+    import pyarrow.dataset as pds
+    import ray.data
+
+    edit = job.edit
+    out = join_uri(job.output_uri, "generate")
+    results_uri = join_uri(out, "results")
+    fs, path = pyarrow_filesystem(decoded_uri, job.storage)
+    columns = pds.dataset(path, filesystem=fs, format="parquet").schema.names
+    keep = [c for c in columns if c not in ("provenance", "error_stage", "error_reason")]
+    ds = decoded_rows(job, decoded_uri, splits, columns=keep)
+    if edit.limit:
+        ds = ds.limit(edit.limit)
+    done = _done_image_ids(results_uri, job, len(edit.edits))
+    if done:
+        ds = ds.filter(lambda row: row["image_id"] not in done)
+
+    cf = ds.map_batches(
+        CounterfactualStage,
+        fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python")},
+        compute=ray.data.ActorPoolStrategy(size=edit.num_actors),
+        batch_size=edit.batch_size,
+        num_cpus=edit.cpus_per_actor,
+        num_gpus=edit.gpus_per_actor or None,
+        batch_format="numpy",
+    )
+    measured = cf.map_batches(
+        MeasureStage,
+        fn_constructor_kwargs={
+            "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
+        },
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=edit.batch_size * len(edit.edits),
+        num_cpus=0.25,
+        batch_format="numpy",
+    )
+    res_fs, res_path = pyarrow_filesystem(results_uri, job.storage)
+    before = _count(results_uri, job)
+    measured.write_parquet(res_path, filesystem=res_fs)
+    return GenerateResult(results_uri, _count(results_uri, job) - before, len(done))
+
+
+def _count(results_uri: str, job: JobConfig) -> int:
+    import pyarrow.dataset as pds
+
+    fs, path = pyarrow_filesystem(results_uri, job.storage)
+    try:
+        return pds.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, OSError):
+        return 0

@@ -1,0 +1,43 @@
+"""Starting or joining Ray the same way in every job, test and benchmark."""
+
+from __future__ import annotations
+
+import os
+
+from cfgen.config import RayConfig
+
+#: Set for every process of a cfgen job: no telemetry, no hub downloads, DeepSpeed on CPU where no GPU is asked for.
+JOB_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(cfg: RayConfig, use_gpu: bool = False):
+    """Join the cluster at `cfg.address`, or start a loopback-only local Ray (the embedded default)."""
+    import ray
+
+    for key, value in JOB_ENV.items():
+        os.environ.setdefault(key, value)
+    env_vars = dict(JOB_ENV)
+    if not use_gpu:
+        env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    if ray.is_initialized():
+        return ray
+    runtime_env = {"env_vars": env_vars}
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
+        return ray
+    # Ray binds to the machine's external address by default; a laptop run stays on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=cfg.num_cpus,
+        object_store_memory=cfg.object_store_memory,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+    return ray

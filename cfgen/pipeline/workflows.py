@@ -1,0 +1,168 @@
+"""The jobs of cfgen as functions: phantoms, ingest, train, generate, and the demo that chains them.
+
+`jobs/*.py`, the `cfgen` CLI, the benchmarks and the tests call these and nothing else, so every entry point runs
+the same code. Each step is idempotent and reuses what an earlier run of the same output already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from cfgen.config import JobConfig, PhantomConfig
+from cfgen.io.storage import exists, join_uri, parent_uri, read_bytes
+
+log = logging.getLogger("cfgen")
+
+
+def phantoms_uri(job: JobConfig) -> str:
+    return join_uri(job.output_uri, "phantoms")
+
+
+def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 500) -> dict[str, Any]:
+    """Render `job.phantoms` to `out_uri`, sharded over Ray tasks (streamed: one shard in memory per task)."""
+    import ray
+
+    from cfgen.phantoms.writers import write_manifest, write_phantom_shard
+
+    out = out_uri or phantoms_uri(job)
+    cfg = job.phantoms
+    manifest = join_uri(out, "manifest.parquet")
+    config_uri = join_uri(out, "phantom_config.json")
+    if exists(manifest, job.storage) and exists(config_uri, job.storage):
+        if PhantomConfig.model_validate_json(read_bytes(config_uri, job.storage)) == cfg:
+            return {"out_uri": out, "manifest_parquet": manifest, "n_images": None, "reused": True}
+    shard = ray.remote(num_cpus=0.5)(write_phantom_shard)
+    refs = [shard.remote(cfg, out, s, min(cfg.n, s + shard_size), job.storage) for s in range(0, cfg.n, shard_size)]
+    rows = [row for part in ray.get(refs) for row in part]
+    paths = write_manifest(rows, out, job.storage)
+    from cfgen.io.storage import write_bytes
+
+    write_bytes(config_uri, (cfg.model_dump_json(indent=2) + "\n").encode(), job.storage)
+    return {"out_uri": out, "n_images": len(rows), "reused": False, **paths}
+
+
+def phantom_config_for(job: JobConfig) -> PhantomConfig | None:
+    """The phantom config saved next to the manifest, if the data set is a phantom set (enables true CFs)."""
+    if not job.data.manifest_uri:
+        return None
+    folder = job.data.manifest_uri if job.data.manifest_uri.endswith("/") else parent_uri(job.data.manifest_uri)
+    uri = join_uri(folder, "phantom_config.json")
+    if not exists(uri, job.storage):
+        return None
+    return PhantomConfig.model_validate_json(read_bytes(uri, job.storage))
+
+
+def run_ingest(job: JobConfig):
+    from cfgen.pipeline.ingest import ingest
+
+    result = ingest(job)
+    log.info("ingest: %s", result)
+    return result
+
+
+def base_model(job: JobConfig, decoded_uri: str) -> str:
+    """The model fine-tuning starts from: `model.pretrained`, or the tiny SD with its VAE fitted to the data."""
+    if job.model.pretrained:
+        return job.model.pretrained
+    from cfgen.models.sd import build_tiny_pipeline, save_pipeline
+    from cfgen.pipeline.ingest import training_dataset
+    from cfgen.train.vae import fit_vae
+
+    uri = join_uri(job.output_uri, "models", "base")
+    if exists(join_uri(uri, "model_index.json"), job.storage):
+        return uri
+    pipe = build_tiny_pipeline(job.model, seed=job.train.seed)
+    sample = training_dataset(job, decoded_uri).limit(2048).take_batch(2048, batch_format="numpy")["image"]
+    losses = fit_vae(pipe.vae, np.asarray(sample), job.train.vae, seed=job.train.seed)
+    log.info("tiny VAE fitted on %d images: loss %.4f -> %.4f", len(sample), losses[0] if losses else float("nan"),
+             losses[-1] if losses else float("nan"))
+    save_pipeline(pipe, uri, job.storage)
+    return uri
+
+
+def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
+    from cfgen.pipeline.ingest import training_dataset
+    from cfgen.tracking import runs
+    from cfgen.train.loop import deepspeed_config
+    from cfgen.train.trainer import fine_tune
+
+    decoded_uri = decoded_uri or run_ingest(job).decoded_uri
+    base = base_model(job, decoded_uri)
+    run_id = runs.start_run(job, job.train.run_name, tags={"cfgen.job": "train"})
+    runs.log_params(job.tracking, run_id, {"deepspeed_config": json.dumps(deepspeed_config(job.train)),
+                                           "base_model_uri": base})
+    output = join_uri(job.output_uri, "models", "finetuned")
+    started = time.time()
+    try:
+        result = fine_tune(job, training_dataset(job, decoded_uri), base, output, mlflow_run_id=run_id)
+    except BaseException:
+        runs.end_run(job.tracking, run_id, "FAILED")
+        raise
+    seconds = time.time() - started
+    images = job.train.max_steps * job.train.batch_size * job.train.num_workers
+    runs.log_metrics(job.tracking, run_id, {"train_seconds": seconds, "images_per_second": images / seconds})
+    version = None
+    if "://" not in output:
+        runs.log_artifacts(job.tracking, run_id, output, "pipeline")
+        version = runs.register_model(job.tracking, run_id, "pipeline")
+    runs.end_run(job.tracking, run_id)
+    return {"model_uri": output, "run_id": run_id, "model_version": version, "metrics": result.metrics,
+            "train_seconds": seconds}
+
+
+def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str | None = None,
+                 splits: list[str] | None = ("test",)):
+    from cfgen.pipeline.generate import generate
+
+    decoded_uri = decoded_uri or run_ingest(job).decoded_uri
+    model_uri = model_uri or job.model.pretrained
+    if not model_uri:
+        raise ValueError("no model to edit with: set model.pretrained (a diffusers folder, s3:// or models:/ URI)")
+    if model_uri.startswith("models:/"):
+        from cfgen.tracking.runs import download_model
+
+        model_uri = download_model(job.tracking, model_uri)
+    return generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job))
+
+
+def run_demo(job: JobConfig) -> dict[str, Any]:
+    """The walking skeleton: phantoms -> ingest -> tiny SD + DeepSpeed fine-tune -> counterfactuals -> report."""
+    from cfgen.pipeline.ingest import ingest
+    from cfgen.pipeline.runtime import init_ray
+    from cfgen.report.html import write_report
+
+    started = time.time()
+    init_ray(job.ray, use_gpu=job.train.use_gpu)
+    phantoms = run_phantoms(job)
+    job = job.model_copy(deep=True)
+    job.data.manifest_uri = phantoms["manifest_parquet"]
+    ingested = ingest(job)
+    trained = run_train(job, ingested.decoded_uri)
+    generated = run_generate(job, trained["model_uri"], ingested.decoded_uri)
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from cfgen.io.storage import pyarrow_filesystem
+
+    fs, path = pyarrow_filesystem(ingested.errors_uri, job.storage)
+    errors = pq.read_table(path, filesystem=fs).to_pandas() if ingested.error_rows else pd.DataFrame(
+        columns=["stage", "reason"])
+    facts = {
+        "phantom images": job.phantoms.n,
+        "decoded ok / errors / filtered": f"{ingested.ok_rows} / {ingested.error_rows} / {ingested.filtered_out}",
+        "training": f"{job.train.strategy} ZeRO-{job.train.zero_stage}, {job.train.num_workers} workers, "
+                    f"{job.train.max_steps} steps, {trained['train_seconds']:.0f} s",
+        "final training loss": f"{trained['metrics'].get('loss', float('nan')):.4f}",
+        "model": trained["model_uri"],
+        "MLflow run": f"{trained['run_id']} ({job.tracking.tracking_uri})",
+        "editing": f"DDIM inversion + regeneration, {job.edit.num_inference_steps} steps",
+        "counterfactual rows": generated.rows_written,
+        "wall time (s)": f"{time.time() - started:.0f}",
+    }
+    report = write_report(job, generated.results_uri, facts=facts, errors=errors)
+    return {"report": report, "results_uri": generated.results_uri, **facts}
