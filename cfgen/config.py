@@ -100,6 +100,11 @@ class DataConfig(_Section):
     prompt: PromptConfig = PromptConfig()
     read_concurrency: int = Field(8, ge=1)
 
+    @field_validator("manifest_uri", "image_root")
+    @classmethod
+    def _local_paths(cls, v: str | None) -> str | None:
+        return None if v is None else _absolute(v)
+
 
 class TinyModelConfig(_Section):
     """Sizes of the tiny SD pipeline built offline for CPU runs and tests."""
@@ -120,6 +125,12 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig = TinyModelConfig()
     resolution: int = Field(64, ge=32, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        # a hub id ("org/name") stays as it is; an existing local folder is made absolute
+        return _absolute(v) if v and Path(v.removeprefix("file://")).exists() else v
 
     @field_validator("resolution")
     @classmethod
@@ -201,6 +212,15 @@ class JobConfig(_Section):
     edit: EditConfig = EditConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    _local_output = field_validator("output_uri")(lambda cls, v: _absolute(v))
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute: Ray workers run in other directories than the driver."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 def _parse_scalar(text: str) -> Any:

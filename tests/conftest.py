@@ -65,3 +65,16 @@ def bucket(s3_client):
     name = f"cfgen-test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray on loopback for the slow tests, with more logical CPUs than cores so I/O keeps moving."""
+    import ray
+
+    from cfgen.config import RayConfig
+    from cfgen.pipeline.runtime import init_ray
+
+    init_ray(RayConfig(num_cpus=4))
+    yield ray
+    ray.shutdown()

@@ -165,6 +165,16 @@ def test_rescale_slope_and_intercept_apply_before_the_window():
     assert provenance["voi_lut_function"] == "LINEAR" and provenance["modality_lut"] == "rescale"
 
 
+def test_modality_values_agree_with_pydicom_apply_modality_lut():
+    from pydicom.pixels import apply_modality_lut
+
+    ds = make_dataset(RAMP_12BIT, bits_stored=12, RescaleSlope=0.5, RescaleIntercept=-1024)
+    ds.update({"WindowCenter": 0, "WindowWidth": 1000, "VOILUTFunction": "LINEAR_EXACT"})
+    modality_values = apply_modality_lut(RAMP_12BIT, copy.deepcopy(ds))  # -1024 .. 1023.5
+    decoded = decode_dicom(to_bytes(ds))
+    np.testing.assert_allclose(decoded.pixels, np.clip(modality_values / 1000 + 0.5, 0, 1), atol=1e-6)
+
+
 def test_multi_valued_window_uses_the_first_window():
     ds = make_dataset(RAMP_12BIT, bits_stored=12, WindowCenter=[500, 2000], WindowWidth=[400, 1000])
     decoded = decode_dicom(to_bytes(ds))
@@ -191,6 +201,8 @@ def test_sigmoid_window_follows_its_formula():
 
 
 def test_modality_lut_sequence_maps_stored_values_through_the_table():
+    from pydicom.pixels import apply_modality_lut
+
     table = (np.arange(4096) ** 2 // 4096).astype(np.uint16)  # a non-linear detector response, 0 .. 4094
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 16]
@@ -198,6 +210,7 @@ def test_modality_lut_sequence_maps_stored_values_through_the_table():
     item.ModalityLUTType = "US"  # unspecified
     ds = make_dataset(RAMP_12BIT, bits_stored=12, ModalityLUTSequence=[item])
     decoded = decode_dicom(to_bytes(ds))
+    np.testing.assert_array_equal(apply_modality_lut(RAMP_12BIT, dcmread(io.BytesIO(to_bytes(ds)))), table[RAMP_12BIT])
     np.testing.assert_allclose(decoded.pixels, table[RAMP_12BIT] / table.max(), atol=1e-6)
     assert decoded.provenance["modality_lut"] == "modality_lut_sequence"
 
@@ -222,6 +235,26 @@ def test_voi_lut_declaring_16_bits_but_holding_12_bit_entries_is_not_darkened():
     expected = np.clip(RAMP_12BIT.astype(float) - 1000, 0, 2047) * 2 / 4094
     np.testing.assert_allclose(decoded.pixels, expected, atol=1e-6)
     assert decoded.pixels.max() == 1.0
+
+
+def test_voi_lut_whose_negative_first_input_was_written_unsigned():
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [2048, 65536 - 1024, 16])  # first input -1024, as US
+    item.add_new("LUTData", "US", (np.arange(2048) * 2).tolist())
+    ds = make_dataset(RAMP_12BIT, bits_stored=12, RescaleSlope=1, RescaleIntercept=-1024, VOILUTSequence=[item])
+    decoded = decode_dicom(to_bytes(ds))  # modality values -1024 .. 3071 index the LUT from its first entry
+    np.testing.assert_allclose(decoded.pixels, np.minimum(RAMP_12BIT, 2047) * 2 / 4094, atol=1e-6)
+
+
+def test_a_malformed_voi_lut_gives_way_to_the_window():
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "OW", b"")
+    ds = make_dataset(RAMP_12BIT, bits_stored=12, VOILUTSequence=[item], WindowCenter=2048, WindowWidth=1001)
+    decoded = decode_dicom(to_bytes(ds))
+    np.testing.assert_allclose(decoded.pixels, dicom_linear(RAMP_12BIT, 2048, 1001), atol=1e-6)
+    assert decoded.provenance["voi"] == "window"
+    assert any("VOI LUT Sequence ignored" in w for w in decoded.provenance["warnings"])
 
 
 def test_apply_voi_false_ignores_the_window_in_the_file():
@@ -296,6 +329,36 @@ def test_a_data_set_without_preamble_and_file_meta_is_decoded(implicit_vr, littl
     decoded = decode_image(data)
     np.testing.assert_allclose(decoded.pixels, 1 - RAMP_12BIT / 4095, atol=1e-6)
     assert decoded.provenance["transfer_syntax_uid"] == detected
+    assert "TransferSyntaxUID" in decoded.provenance["assumed"]
+
+
+def _compressed(codec: str) -> tuple[Dataset, np.ndarray]:
+    """A data set compressed by `codec`, and the presentation of its uncompressed pixels."""
+    if codec == "MR_small_jpeg_ls_lossless.dcm":
+        return dcmread(get_testdata_file(codec)), decode_dicom(shipped("MR_small.dcm")).pixels
+    ds = make_dataset(RAMP_12BIT, "MONOCHROME1", 12)
+    reference = decode_dicom(to_bytes(ds)).pixels
+    if codec == JPEGLosslessSV1:
+        return encapsulated(ds, encode_jpeg_lossless_sv1(RAMP_12BIT, 12), codec), reference
+    ds.compress(codec, encoding_plugin="pylibjpeg" if codec == JPEG2000Lossless else "")
+    return ds, reference
+
+
+@pytest.mark.parametrize(
+    ("codec", "guessed"),
+    [
+        (RLELossless, RLELossless),
+        (JPEG2000Lossless, JPEG2000),  # J2K does not say whether it is lossless: the wider syntax
+        (JPEGLosslessSV1, "1.2.840.10008.1.2.4.57"),  # JPEG Lossless, any predictor
+        ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),
+    ],
+)
+def test_compressed_pixel_data_without_file_meta_is_recognised_by_its_codestream(codec, guessed):
+    ds, reference = _compressed(codec)
+    data = to_bytes(ds, file_meta=False, implicit_vr=False)
+    decoded = decode_image(data)
+    np.testing.assert_array_equal(decoded.pixels, reference)
+    assert decoded.provenance["transfer_syntax_uid"] == guessed
     assert "TransferSyntaxUID" in decoded.provenance["assumed"]
 
 
@@ -475,11 +538,43 @@ def test_file_cut_off_inside_the_pixel_data():
     assert error.value.reason == "corrupt_pixel_data"
 
 
+def test_a_damaged_header_element():
+    data = to_bytes(make_dataset(RAMP_12BIT, bits_stored=12))
+    damaged = data.replace(b"\x28\x00\x01\x01US", b"\x28\x00\x01\x01Ut", 1)  # Bits Stored with an unknown VR
+    assert damaged != data
+    with pytest.raises(DecodeError) as error:
+        decode_image(damaged)
+    assert error.value.reason == "corrupt_header"
+
+
+def test_a_part_10_file_without_an_image_is_dicom_without_pixel_data():
+    ds = Dataset()
+    ds.PatientID = "123"  # nothing an image object would have: still DICOM, by its DICM marker
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    with pytest.raises(DecodeError) as error:
+        decode_image(to_bytes(ds))
+    assert error.value.reason == "no_pixel_data"
+
+
 def test_truncated_jpeg_2000_codestream():
     ds = make_dataset(RAMP_12BIT, bits_stored=12)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     encapsulated(ds, frame[: len(frame) // 3], JPEG2000Lossless)
+    with pytest.raises(DecodeError) as error:
+        decode_image(to_bytes(ds))
+    assert error.value.reason == "corrupt_pixel_data"
+
+
+def test_rle_runs_past_the_end_of_the_frame():
+    # pylibjpeg-rle panics (a Rust panic, a BaseException) on this; it must still be an ordinary refusal.
+    ds = make_dataset(np.arange(16, dtype=np.uint16).reshape(4, 4))
+    run = bytes([0x81, 7])  # 128 copies of one byte, for a segment of 16
+    header = (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + (66).to_bytes(4, "little") + bytes(52)
+    encapsulated(ds, header + run + run, RLELossless)
     with pytest.raises(DecodeError) as error:
         decode_image(to_bytes(ds))
     assert error.value.reason == "corrupt_pixel_data"

@@ -100,9 +100,15 @@ def test_missing_fraction_hides_about_that_share_of_cells():
 
 def test_intervention_rejects_unknown_attributes_and_values(scm):
     s = scm.subject(0)
-    for bad in ({"weight": 1}, {"age": 10}, {"age": 50.5}, {"smoking": 2}, {"sex": "X"}, {"cardiomegaly": 0.5}, {}):
+    for bad in ({"weight": 1}, {"age": 10}, {"age": 50.5}, {"smoking": 2}, {"sex": "X"}, {"cardiomegaly": 0.5}, [("age", 50)]):
         with pytest.raises(ValueError):
             scm.intervene(s, bad)
+
+
+def test_the_empty_intervention_is_the_null_edit(scm):
+    s = scm.subject(0)
+    assert scm.intervene(s, {}).attributes() == s.attributes()
+    assert np.array_equal(scm.render_counterfactual(s, {}, 64)[0], scm.render(s, 64)[0])
 
 
 def test_do_age_recomputes_cardiomegaly_with_the_same_noise(scm):

@@ -79,6 +79,11 @@ def test_an_image_of_the_right_size_passes_unchanged():
     np.testing.assert_array_equal(to_fixed_size(image, 32, "crop"), image)
 
 
+def test_crop_without_scaling_cuts_whole_pixels():
+    image = np.random.default_rng(2).random((32, 41)).astype(np.float32)  # 9 columns too many: 4 left, 5 right
+    np.testing.assert_array_equal(to_fixed_size(image, 32, "crop"), image[:, 4:36])
+
+
 def test_wrong_mode_or_shape_is_a_caller_error():
     with pytest.raises(ValueError, match="pad"):
         to_fixed_size(np.zeros((4, 4)), 8, "stretch")

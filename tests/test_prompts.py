@@ -50,7 +50,7 @@ def test_order_follows_config_attributes():
     row = {"sex": "M", "smoking": 0.0, "cardiomegaly": 1.0, "enlarged_cardiomediastinum": 0.0, "pleural_other": 1.0,
            "age": 50}  # age is not in the attributes: not described
     assert build_prompt(row, cfg) == ("a chest x-ray of a male patient, with cardiomegaly, non-smoker, "
-                                      "without enlarged cardiomediastinum, with other pleural abnormalities")
+                                      "without enlarged cardiomediastinum, with other pleural findings")
 
 
 def test_negatives_omit():

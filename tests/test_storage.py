@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import pyarrow as pa
 import pytest
 from pydantic import SecretStr
 
@@ -210,15 +210,12 @@ def test_local_missing_file_raises_file_not_found(tmp_path):
         st.read_bytes(str(tmp_path / "missing.dcm"))
 
 
-def test_gs_without_gcsfs_says_what_to_install():
-    pytest.importorskip("s3fs")
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="gcsfs"):
-            st.fsspec_filesystem("gs://bucket/key", StorageConfig())
-    else:  # pragma: no cover - only where gcsfs is installed
-        pytest.skip("gcsfs is installed")
+def test_gs_without_gcsfs_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install gcsfs"):
+        st.fsspec_filesystem("gs://bucket/key", StorageConfig())
 
 
 # ------------------------------------------------------------------------------------------------- secrets

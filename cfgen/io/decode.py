@@ -10,6 +10,9 @@ values of the first frame:
                        (LINEAR, LINEAR_EXACT, SIGMOID; the first of multi-valued windows), else min/max
       -> MONOCHROME1:  inverted after the VOI LUT, so that bright is dense in every output
 
+Presentation LUT Shape is not applied on top: in the CR and DX objects it restates the Photometric Interpretation
+(INVERSE with MONOCHROME1), so applying both would invert twice.
+
 Choices made where the standard leaves room, each recorded in the provenance:
 
 - No VOI in the file (or `apply_voi=False`): the minimum and maximum of the image's own modality values map to 0 and 1.
@@ -33,7 +36,9 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -45,17 +50,21 @@ REASONS: dict[str, str] = {
     "empty_file": "the file has no bytes",
     "not_an_image": "the bytes have no DICOM, PNG or JPEG signature and do not parse as DICOM",
     "not_dicom": "the bytes do not parse as a DICOM data set",
+    "corrupt_header": "a DICOM data element the decoder needs cannot be parsed",
     "no_pixel_data": "a DICOM data set without (7FE0,0010) Pixel Data, e.g. a structured report",
     "missing_pixel_attributes": "Rows, Columns or Bits Allocated is missing, so the pixels cannot be laid out",
     "unsupported_transfer_syntax": "no installed decoder handles the Transfer Syntax UID",
     "unsupported_pixel_format": "a pixel layout the decoders do not implement, e.g. ACR-NEMA packed 12-bit",
     "unsupported_photometric": "a Photometric Interpretation without a grayscale meaning, e.g. 4 samples per pixel",
     "corrupt_pixel_data": "the pixel data is truncated or its codestream is invalid",
-    "image_too_large": "more pixels than Pillow's decompression-bomb limit allows",
+    "image_too_large": "more than MAX_PIXELS pixels per frame (Pillow's decompression-bomb limit)",
 }
 
 #: ITU-R BT.601 luma weights, as in DICOM's RGB -> YBR_FULL (PS3.3 C.7.6.3.1.2).
 BT601_LUMA = (0.299, 0.587, 0.114)
+
+#: The largest image accepted, in pixels per frame: Pillow's decompression-bomb threshold, 20 times a 4k x 4k CXR.
+MAX_PIXELS = 89_478_485
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
@@ -136,7 +145,7 @@ def new_provenance(fmt: str) -> dict[str, Any]:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """"dicom", "png" or "jpeg" from magic bytes, or None (DICOM without preamble has no magic bytes)."""
+    """Return "dicom", "png" or "jpeg" from magic bytes, or None (DICOM without preamble has none)."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     if data.startswith(PNG_SIGNATURE):
@@ -182,18 +191,21 @@ def decode_dicom(data: bytes, *, apply_voi: bool = True) -> DecodedImage:
     if not data:
         raise DecodeError("empty_file", "0 bytes")
     prov = new_provenance("dicom")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _captured_warnings(prov):
         ds = _read_dataset(data)
-        prov["transfer_syntax_uid"] = _ensure_transfer_syntax(ds, prov)
-        _describe(ds, prov)
-        _check_pixel_module(ds, prov)
-        _lift_functional_groups(ds, frame=0)
-        stored = _decode_first_frame(ds, prov)
-        prov["original_shape"] = tuple(int(n) for n in stored.shape[:2])
-        prov["pixel_spacing_mm"], prov["pixel_spacing_source"] = _pixel_spacing(ds)
-        pixels = _present(stored, ds, prov, apply_voi)
-    prov["warnings"] = _messages(caught) + prov["warnings"]
+        try:
+            prov["transfer_syntax_uid"] = _ensure_transfer_syntax(ds, prov)
+            _describe(ds, prov)
+            _check_pixel_module(ds, prov)
+            _lift_functional_groups(ds, frame=0)
+            stored = _decode_first_frame(ds, prov)
+            prov["original_shape"] = tuple(int(n) for n in stored.shape[:2])
+            prov["pixel_spacing_mm"], prov["pixel_spacing_source"] = _pixel_spacing(ds)
+            pixels = _present(stored, ds, prov, apply_voi)
+        except DecodeError:
+            raise
+        except Exception as exc:  # pydicom parses elements lazily: a damaged one fails where it is first read
+            raise DecodeError("corrupt_header", f"{type(exc).__name__}: {exc}") from None
     return DecodedImage(_unit_float32(pixels), prov)
 
 
@@ -202,10 +214,17 @@ def _read_dataset(data: bytes):
 
     if data[:4] == b"DICM":  # 'DICM' without the 128-byte preamble, written by a few exporters
         data = bytes(128) + data
+    if data[128:132] == b"DICM":  # a Part 10 file: DICOM, whatever it holds
+        try:
+            return pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as exc:
+            raise DecodeError("corrupt_header", f"{type(exc).__name__}: {exc}") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # untrusted bytes: pydicom raises anything from InvalidDicomError to struct.error
         raise DecodeError("not_dicom", f"unreadable as DICOM ({type(exc).__name__}: {exc})") from None
+    # Without the DICM marker, `force=True` turns any bytes into a data set of random tags: ask for an element that
+    # every image object has.
     try:
         evidence = any(tag in ds for tag in _DICOM_EVIDENCE)
     except Exception:  # a data set of garbage tags can fail even to be searched
@@ -227,16 +246,49 @@ def _ensure_transfer_syntax(ds, prov: dict[str, Any]) -> str:
     if uid:
         meta.TransferSyntaxUID = UID(uid)
         return uid
-    # Files without a file meta header are mostly Implicit VR Little Endian (the DICOM default); pydicom has already
-    # guessed the encoding while reading, which also covers the explicit-VR ones.
+    prov["assumed"].append("TransferSyntaxUID")
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:  # encapsulated, i.e. compressed
+        # Anonymisers that strip group 0002, and objects cut out of DICOMweb responses, lose the only record of the
+        # compression; the codestream itself still says what it is.
+        guessed = _guess_encapsulated_syntax(ds.PixelData)
+        if guessed is None:
+            raise DecodeError("unsupported_transfer_syntax", "compressed Pixel Data of an unknown codec, no syntax")
+        meta.TransferSyntaxUID = UID(guessed)
+        return guessed
+    # Otherwise native pixels, whose encoding pydicom has already detected while reading the data set. Files without
+    # a file meta header are mostly Implicit VR Little Endian, the DICOM default.
     implicit, little = ds.original_encoding
     if implicit is False:
-        guessed = ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+        native = ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
     else:
-        guessed = ImplicitVRLittleEndian
-    meta.TransferSyntaxUID = guessed
-    prov["assumed"].append("TransferSyntaxUID")
-    return str(guessed)
+        native = ImplicitVRLittleEndian
+    meta.TransferSyntaxUID = native
+    return str(native)
+
+
+def _guess_encapsulated_syntax(pixel_data: bytes) -> str | None:
+    """The Transfer Syntax UID of encapsulated Pixel Data, from the first frame's codestream signature."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLSLossless
+    from pydicom.uid import JPEGLSNearLossless, RLELossless
+
+    try:
+        frame = next(generate_frames(pixel_data, number_of_frames=1))
+    except Exception:
+        return None
+    if frame[:4] == b"\xff\x4f\xff\x51" or frame[4:8] == b"jP  ":  # J2K codestream (SOC, SIZ) or JP2 file box
+        return str(JPEG2000)  # 'lossless or lossy': the same decoder either way
+    if frame[:2] == JPEG_SOI:
+        process = _jpeg_frame_marker(frame)
+        if process == 0xF7:
+            return str(JPEGLSLossless if _jpeg_ls_near(frame) == 0 else JPEGLSNearLossless)
+        uids = {0xC0: JPEGBaseline8Bit, 0xC1: JPEGExtended12Bit, 0xC3: JPEGLossless}
+        return str(uids[process]) if process in uids else None
+    if len(frame) >= 64:  # RLE: a 64-byte header of 16 little-endian offsets, the first segment at 64
+        segments, first_offset = int.from_bytes(frame[:4], "little"), int.from_bytes(frame[4:8], "little")
+        if 1 <= segments <= 15 and first_offset == 64:
+            return str(RLELossless)
+    return None
 
 
 def _describe(ds, prov: dict[str, Any]) -> None:
@@ -258,6 +310,9 @@ def _check_pixel_module(ds, prov: dict[str, Any]) -> None:
         raise DecodeError("missing_pixel_attributes", f"missing {', '.join(missing)}")
 
     bits_allocated = _int(ds.BitsAllocated)
+    n_pixels = _int(ds.Rows) * _int(ds.Columns)
+    if n_pixels > MAX_PIXELS:  # a damaged Rows or Columns must not allocate gigabytes before the codec fails
+        raise DecodeError("image_too_large", f"{ds.Rows} x {ds.Columns} pixels, more than {MAX_PIXELS}")
     samples = _int(ds.get("SamplesPerPixel"))
     if samples is None:
         samples = 1
@@ -322,7 +377,9 @@ def _decode_first_frame(ds, prov: dict[str, Any]) -> np.ndarray:
         return np.asarray(pixel_array(ds, index=0))
     except NotImplementedError as exc:
         raise DecodeError("unsupported_pixel_format", str(exc)) from None
-    except Exception as exc:  # codec and buffer errors: ValueError, RuntimeError, struct.error, ...
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # codec errors; pylibjpeg-rle's Rust panics derive from BaseException, not Exception
         raise DecodeError("corrupt_pixel_data", f"{type(exc).__name__}: {exc}") from None
 
 
@@ -338,39 +395,46 @@ def _present(stored: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> n
     if photometric == "PALETTE COLOR":
         return _palette_to_gray(stored, ds, prov)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        # e.g. a one-sample JPEG labelled YBR_FULL_422 by its writer: the samples are gray values all the same
+        # e.g. a one-sample JPEG labelled YBR_FULL_422 by its writer: one sample per pixel is a gray value anyway
         prov["warnings"].append(f"{photometric} with one sample per pixel read as MONOCHROME2")
 
     values = _modality_lut(stored, ds, prov)
     presented, has_contrast = _voi_lut(values, ds, prov, apply_voi)
     if photometric == "MONOCHROME1" and has_contrast:
-        presented = 1.0 - presented
+        presented = np.subtract(1.0, presented, out=presented)
         prov["inverted"] = True
     return presented
 
 
 def _modality_lut(stored: np.ndarray, ds, prov: dict[str, Any]) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
-    from pydicom.valuerep import DSfloat
+    """Stored values to modality values (PS3.3 C.11.1), as float32.
 
+    This is what pydicom.pixels.apply_modality_lut computes, done here in float32 (exact for 16-bit stored values;
+    pydicom's float64 doubles the memory of a 3000 x 3000 radiograph) and with the LUT reader below.
+    """
     sequence = ds.get("ModalityLUTSequence")
     if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
-        first_mapped, entries = _lut(sequence[0], ds)
+        try:
+            first_mapped, entries = _lut(sequence[0], ds, signed_input=_int(ds.PixelRepresentation) == 1)
+        except ValueError as exc:  # without it the window and LUTs downstream mean nothing
+            raise DecodeError("corrupt_pixel_data", f"Modality LUT Sequence unusable: {exc}") from None
         prov["modality_lut"] = "modality_lut_sequence"
-        return _look_up(stored, first_mapped, entries).astype(np.float64)
+        return _look_up(stored, first_mapped, entries)
 
     slope, intercept = _first_float(ds.get("RescaleSlope")), _first_float(ds.get("RescaleIntercept"))
+    values = stored.astype(np.float32)
     if slope is None and intercept is None:
-        return stored.astype(np.float64)
+        return values
     if slope is None or slope == 0.0:  # a zero slope would erase the image; it is a writer's bug, not intent
         slope = 1.0
         prov["assumed"].append("RescaleSlope")
     if intercept is None:
         intercept = 0.0
         prov["assumed"].append("RescaleIntercept")
-    ds.RescaleSlope, ds.RescaleIntercept = DSfloat(slope, auto_format=True), DSfloat(intercept, auto_format=True)
     prov.update(modality_lut="rescale", rescale_slope=slope, rescale_intercept=intercept)
-    return apply_modality_lut(stored, ds).astype(np.float64)
+    values *= slope
+    values += intercept
+    return values
 
 
 def _voi_lut(values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> tuple[np.ndarray, bool]:
@@ -378,9 +442,14 @@ def _voi_lut(values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> t
     if apply_voi:
         sequence = ds.get("VOILUTSequence")
         if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
-            first_mapped, entries = _lut(sequence[0], ds)
-            prov["voi"] = "voi_lut_sequence"
-            return _stretch(_look_up(values, first_mapped, entries), float(entries.min()), float(entries.max()))
+            signed_input = _int(ds.PixelRepresentation) == 1 or float(values.min()) < 0  # e.g. after an intercept
+            try:
+                first_mapped, entries = _lut(sequence[0], ds, signed_input)
+            except ValueError as exc:
+                prov["warnings"].append(f"VOI LUT Sequence ignored: {exc}")
+            else:
+                prov["voi"] = "voi_lut_sequence"
+                return _stretch(_look_up(values, first_mapped, entries), float(entries.min()), float(entries.max()))
 
         center, width = _first_float(ds.get("WindowCenter")), _first_float(ds.get("WindowWidth"))
         if center is not None and width is not None:
@@ -397,9 +466,9 @@ def _voi_lut(values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> t
                 return presented, True
 
     prov["voi"] = "minmax"
-    finite = values[np.isfinite(values)]
+    finite = values if np.isfinite(values).all() else values[np.isfinite(values)]
     if finite.size == 0:
-        return np.zeros(values.shape), False
+        return np.zeros(values.shape, np.float32), False
     return _stretch(values, float(finite.min()), float(finite.max()))
 
 
@@ -410,7 +479,7 @@ def window(values: np.ndarray, center: float, width: float, voi_lut_function: st
     LINEAR_EXACT: y = (x - c) / w + 0.5, clipped to [0, 1]
     SIGMOID:      y = 1 / (1 + exp(-4 (x - c) / w))
     """
-    x = np.asarray(values, dtype=np.float64)
+    x = np.array(values, dtype=np.float32)  # a copy, transformed in place below
     function = voi_lut_function.upper()
     if not (math.isfinite(center) and math.isfinite(width)):
         raise ValueError(f"Window Center {center} / Width {width} are not finite")
@@ -418,30 +487,45 @@ def window(values: np.ndarray, center: float, width: float, voi_lut_function: st
         if width < 1:
             raise ValueError(f"Window Width {width} < 1 is invalid for LINEAR")
         if width == 1:  # the formula's limit: a threshold at c - 0.5
-            return (x > center - 0.5).astype(np.float64)
-        return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+            return (x > center - 0.5).astype(np.float32)
+        x -= center - 0.5
+        x /= width - 1
+        x += 0.5
+        return _clip_unit(x)
     if width <= 0:
         raise ValueError(f"Window Width {width} <= 0 is invalid for {function}")
     if function == "LINEAR_EXACT":
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+        x -= center
+        x /= width
+        x += 0.5
+        return _clip_unit(x)
     if function == "SIGMOID":
+        x -= center
+        x *= -4.0 / width
         with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+            np.exp(x, out=x)
+        x += 1.0
+        return np.reciprocal(x, out=x)
     raise ValueError(f"VOI LUT Function {voi_lut_function!r} is not LINEAR, LINEAR_EXACT or SIGMOID")
 
 
-def _lut(item, ds) -> tuple[int, np.ndarray]:
-    """(first input value mapped, entries) of a Modality or VOI LUT Sequence item.
+def _lut(item, ds, signed_input: bool) -> tuple[int, np.ndarray]:
+    """(first input value mapped, entries) of a Modality or VOI LUT Sequence item; ValueError if malformed.
 
     Read here rather than through pydicom.pixels.apply_voi, which in pydicom 3.0.2 indexes 8-bit LUTs with uint8
     indices, so an 8-bit VOI LUT with 4096 entries (a 12-bit CR shown on an 8-bit display) wraps around; and its
     apply_modality_lut builds a 'uint12' dtype from LUTs that declare 12 bits per entry.
     """
-    n_entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
+    try:
+        n_entries, first_mapped, _bits = (int(v) for v in item.LUTDescriptor)
+    except (TypeError, ValueError):
+        raise ValueError(f"LUT Descriptor {item.LUTDescriptor!r} is not three numbers") from None
     n_entries = n_entries or 65536
-    if _int(ds.get("PixelRepresentation")) == 1 and first_mapped >= 32768:
-        first_mapped -= 65536  # the descriptor is US or SS; signed images may have it read as unsigned
+    if signed_input and first_mapped >= 32768:
+        first_mapped -= 65536  # the descriptor's VR is US or SS: a negative first value may have been read unsigned
     data = item["LUTData"].value
+    if data is None:
+        raise ValueError("LUT Data is empty")
     if isinstance(data, (bytes, bytearray)):
         if len(data) == n_entries:  # 8-bit entries packed one per byte instead of one per 16-bit word
             entries = np.frombuffer(data, dtype=np.uint8)
@@ -449,15 +533,20 @@ def _lut(item, ds) -> tuple[int, np.ndarray]:
             little = ds.original_encoding[1] is not False
             entries = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2" if little else ">u2")
     else:
-        entries = np.atleast_1d(np.asarray(data, dtype=np.float64))
-    if entries.size == 0:
-        raise DecodeError("corrupt_pixel_data", "a LUT Sequence item has empty LUT Data")
-    return first_mapped, entries.astype(np.float64)
+        entries = np.atleast_1d(np.asarray(data, dtype=np.float32))
+    if entries.size == 0 or not np.isfinite(entries).all():
+        raise ValueError("LUT Data is empty or not numbers")
+    return first_mapped, entries[:n_entries].astype(np.float32)  # odd-length LUTs arrive padded
 
 
 def _look_up(values: np.ndarray, first_mapped: int, entries: np.ndarray) -> np.ndarray:
     # PS3.3 C.11.1.1.1: inputs below the first mapped value take the first entry, inputs past the end the last.
-    index = np.clip(np.rint(np.nan_to_num(values)) - first_mapped, 0, entries.size - 1).astype(np.int64)
+    if np.issubdtype(values.dtype, np.integer):
+        index = values.astype(np.int64)
+    else:
+        index = np.rint(np.nan_to_num(values)).astype(np.int64)
+    index -= first_mapped
+    np.clip(index, 0, entries.size - 1, out=index)
     return entries[index]
 
 
@@ -519,7 +608,7 @@ def decode_jpeg(data: bytes) -> DecodedImage:
         gray = luminance(samples)
     else:
         prov["photometric_interpretation"] = "MONOCHROME2"
-        gray = samples.reshape(samples.shape[:2]).astype(np.float64)
+        gray = samples.reshape(samples.shape[:2]).astype(np.float32)
     return DecodedImage(_unit_float32(gray / _full_scale(precision)), prov)
 
 
@@ -529,12 +618,15 @@ def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
     if not data:
         raise DecodeError("empty_file", "0 bytes")
     prov = new_provenance(fmt)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _captured_warnings(prov):
         try:
             image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_PIXELS:
+                raise DecodeError("image_too_large", f"{image.width} x {image.height} pixels, more than {MAX_PIXELS}")
             prov["n_frames"] = int(getattr(image, "n_frames", 1))  # APNG, MPO: the first frame
             image.load()
+        except DecodeError:
+            raise
         except Image.DecompressionBombError as exc:
             raise DecodeError("image_too_large", str(exc)) from None
         except Exception as exc:  # untrusted bytes: OSError, SyntaxError, ValueError, struct.error ...
@@ -544,7 +636,6 @@ def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
             image = ImageOps.exif_transpose(image)
             prov["exif_orientation"] = int(orientation)
         gray = _raster_to_gray(image, prov)
-    prov["warnings"] = _messages(caught) + prov["warnings"]
     prov["original_shape"] = tuple(int(n) for n in gray.shape)
     if fmt == "png" and len(data) > 24:
         prov["bits_stored"] = int(data[24])  # IHDR bit depth
@@ -556,26 +647,26 @@ def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
 def _raster_to_gray(image, prov: dict[str, Any]) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        samples = np.asarray(image).astype(np.float64)
+        samples = np.asarray(image).astype(np.float32)
         prov.update(photometric_interpretation="MONOCHROME2", bits_allocated=16)
         return samples / 65535.0
     if mode == "F":  # float TIFF-like data: no nominal range to divide by
-        samples = np.asarray(image, dtype=np.float64)
+        samples = np.asarray(image, dtype=np.float32)
         prov.update(photometric_interpretation="MONOCHROME2", bits_allocated=32, voi="minmax")
         finite = samples[np.isfinite(samples)]
         return _stretch(samples, float(finite.min()), float(finite.max()))[0] if finite.size else samples * 0
     prov["bits_allocated"] = 8
     if mode in ("1", "L"):
         prov["photometric_interpretation"] = "MONOCHROME2"
-        return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     if mode == "LA":
-        samples = np.asarray(image, dtype=np.float64) / 255.0
+        samples = np.asarray(image, dtype=np.float32) / 255.0
         prov.update(photometric_interpretation="MONOCHROME2", alpha="composited_on_black")
         return samples[..., 0] * samples[..., 1]
     prov["photometric_interpretation"] = "PALETTE COLOR" if mode in ("P", "PA") else "RGB"
     prov["color_to_gray"] = "bt601_luma"
     has_alpha = "A" in mode or "transparency" in image.info
-    rgba = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float64) / 255.0
+    rgba = np.asarray(image.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
     gray = luminance(rgba[..., :3])
     if has_alpha:
         prov["alpha"] = "composited_on_black"
@@ -583,22 +674,48 @@ def _raster_to_gray(image, prov: dict[str, Any]) -> np.ndarray:
     return gray
 
 
-def _jpeg_precision(data: bytes) -> int | None:
-    """Sample precision P of the first SOF segment (8, 12 or 16), by walking the JPEG marker segments."""
+def _jpeg_segments(data: bytes):
+    """(marker, offset of the marker) of each JPEG marker segment up to the first scan."""
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return None
+            return
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
             continue
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
-            return int(data[position + 4]) if position + 4 < len(data) else None
+        yield marker, position
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             position += 2
             continue
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The SOF marker (0xC0 baseline, 0xC1 extended, 0xC3 lossless, 0xF7 JPEG-LS, ...) of a JPEG codestream."""
+    return next((marker for marker, _ in _jpeg_segments(data) if marker in _SOF_MARKERS), None)
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """Sample precision P of the frame header (8, 12 or 16)."""
+    for marker, position in _jpeg_segments(data):
+        if marker in _SOF_MARKERS and position + 4 < len(data):
+            return int(data[position + 4])
+    return None
+
+
+def _jpeg_ls_near(data: bytes) -> int | None:
+    """NEAR of the first JPEG-LS scan header (ISO 14495-1 C.2.3): 0 means lossless."""
+    for marker, position in _jpeg_segments(data):
+        if marker == 0xDA and position + 5 < len(data):
+            components = data[position + 4]
+            near_at = position + 5 + 2 * components
+            return int(data[near_at]) if near_at < len(data) else None
     return None
 
 
@@ -607,17 +724,20 @@ def _jpeg_precision(data: bytes) -> int | None:
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of an (..., 3) array, in the input's units, as float64."""
+    """BT.601 luma of an (..., 3) array, in the input's units, as float32."""
     r, g, b = BT601_LUMA
-    rgb = np.asarray(rgb, dtype=np.float64)
+    rgb = np.asarray(rgb, dtype=np.float32)
     return r * rgb[..., 0] + g * rgb[..., 1] + b * rgb[..., 2]
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> tuple[np.ndarray, bool]:
     """Map [low, high] to [0, 1]; an image without contrast becomes zeros (and reports it has none)."""
     if not high > low:
-        return np.zeros(np.shape(values)), False
-    return np.clip((values - low) / (high - low), 0.0, 1.0), True
+        return np.zeros(np.shape(values), np.float32), False
+    stretched = np.array(values, dtype=np.float32)
+    stretched -= low
+    stretched /= high - low
+    return _clip_unit(stretched), True
 
 
 def _full_scale(bits: int | None) -> float:
@@ -625,8 +745,15 @@ def _full_scale(bits: int | None) -> float:
 
 
 def _unit_float32(pixels: np.ndarray) -> np.ndarray:
-    pixels = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.ascontiguousarray(np.clip(pixels, 0.0, 1.0), dtype=np.float32)
+    """Our own intermediate as contiguous float32 in [0, 1]: NaN to 0, +-inf clipped to 1 and 0 (in place)."""
+    pixels = np.require(pixels, dtype=np.float32, requirements=["C", "W"])
+    np.copyto(pixels, 0.0, where=np.isnan(pixels))
+    return _clip_unit(pixels)
+
+
+def _clip_unit(values: np.ndarray) -> np.ndarray:
+    np.maximum(values, 0.0, out=values)
+    return np.minimum(values, 1.0, out=values)
 
 
 def _first_float(value: Any) -> float | None:
@@ -674,6 +801,25 @@ def _text(value: Any) -> str | None:
         return None
     text = str(value).strip().rstrip("\x00").strip()
     return text or None
+
+
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _captured_warnings(prov: dict[str, Any]):
+    """Collect what the readers warn about into prov["warnings"].
+
+    warnings.catch_warnings swaps process-wide state; the lock keeps decodes in threads (the data stage reads and
+    decodes with a thread pool) from restoring each other's state out of order, which would leave every later
+    warning of the process captured in a dead list.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            prov["warnings"] = _messages(caught) + prov["warnings"]
 
 
 def _messages(caught: list[warnings.WarningMessage]) -> list[str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -246,8 +247,6 @@ def resolve_uri(path: Any, root: str | None) -> str | None:
     if path is None or root is None or is_absolute_uri(path):
         return path
     if not is_remote(root) and not root.startswith("file://"):
-        import os
-
         root = os.path.abspath(root)
     return join_uri(root, path)
 

@@ -50,7 +50,8 @@ def resize_geometry(shape: tuple[int, ...], size: int, mode: ResizeMode = "pad")
     else:
         scale = size / min(rows, columns)
         side = min(rows, columns)  # the square of the source that fills the output
-        top, left = (rows - side) / 2, (columns - side) / 2
+        # Centred to a whole source pixel: a half-pixel offset would blur even an image that needs no scaling.
+        top, left = float((rows - side) // 2), float((columns - side) // 2)
         resized = (size, size)
         pad = (0, 0, 0, 0)
         crop = (top, left, top + side, left + side)

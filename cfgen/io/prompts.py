@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from cfgen.config import PromptConfig
 from cfgen.io.manifest import FINDINGS, normalize_sex
@@ -60,7 +61,7 @@ FINDING_NAMES: dict[str, str] = {
     "atelectasis": "atelectasis",
     "pneumothorax": "pneumothorax",
     "pleural_effusion": "pleural effusion",
-    "pleural_other": "other pleural abnormalities",
+    "pleural_other": "other pleural findings",
     "fracture": "fracture",
     "support_devices": "support devices",
 }
@@ -110,14 +111,11 @@ def _missing(value: Any) -> bool:
         return True
     if isinstance(value, (float, np.floating)):
         return math.isnan(value)
-    if isinstance(value, (str, np.str_, bytes)):
-        return value.strip() in ("", b"") or str(value).strip().lower() in ("nan", "none", "null", "<na>")
-    try:
-        import pandas as pd
-
-        return value is pd.NA or value is pd.NaT
-    except ImportError:  # pragma: no cover
-        return False
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return value.strip().lower() in ("", "nan", "none", "null", "<na>")
+    return value is pd.NA or value is pd.NaT
 
 
 def _number(name: str, value: Any) -> float | None:

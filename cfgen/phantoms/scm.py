@@ -266,8 +266,9 @@ def split_for(u: float, fractions: dict[str, float]) -> str:
 
 
 def _validate_intervention(intervention: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(intervention, dict) or not intervention:
-        raise ValueError(f"an intervention is a non-empty dict attribute -> value, got {intervention!r}")
+    # the empty intervention is the null edit: its counterfactual is the factual image
+    if not isinstance(intervention, dict):
+        raise ValueError(f"an intervention is a dict attribute -> value, got {intervention!r}")
     clean: dict[str, Any] = {}
     for name, value in intervention.items():
         if name not in PHANTOM_ATTRIBUTES:

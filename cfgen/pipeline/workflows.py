@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cfgen.config import JobConfig, PhantomConfig
-from cfgen.io.storage import exists, join_uri, parent_uri, read_bytes
+from cfgen.io.storage import exists, join_uri, parent_uri, read_bytes, write_bytes
 
 log = logging.getLogger("cfgen")
 
@@ -40,8 +40,6 @@ def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 5
     refs = [shard.remote(cfg, out, s, min(cfg.n, s + shard_size), job.storage) for s in range(0, cfg.n, shard_size)]
     rows = [row for part in ray.get(refs) for row in part]
     paths = write_manifest(rows, out, job.storage)
-    from cfgen.io.storage import write_bytes
-
     write_bytes(config_uri, (cfg.model_dump_json(indent=2) + "\n").encode(), job.storage)
     return {"out_uri": out, "n_images": len(rows), "reused": False, **paths}
 
@@ -91,12 +89,15 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
     from cfgen.train.loop import deepspeed_config
     from cfgen.train.trainer import fine_tune
 
+    output = join_uri(job.output_uri, "models", "finetuned")
+    marker = join_uri(job.output_uri, "models", "finetuned.json")
+    if exists(marker, job.storage):  # finished earlier: training is not repeated
+        return json.loads(read_bytes(marker, job.storage))
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     base = base_model(job, decoded_uri)
     run_id = runs.start_run(job, job.train.run_name, tags={"cfgen.job": "train"})
     runs.log_params(job.tracking, run_id, {"deepspeed_config": json.dumps(deepspeed_config(job.train)),
                                            "base_model_uri": base})
-    output = join_uri(job.output_uri, "models", "finetuned")
     started = time.time()
     try:
         result = fine_tune(job, training_dataset(job, decoded_uri), base, output, mlflow_run_id=run_id)
@@ -111,8 +112,10 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
         runs.log_artifacts(job.tracking, run_id, output, "pipeline")
         version = runs.register_model(job.tracking, run_id, "pipeline")
     runs.end_run(job.tracking, run_id)
-    return {"model_uri": output, "run_id": run_id, "model_version": version, "metrics": result.metrics,
-            "train_seconds": seconds}
+    summary = {"model_uri": output, "run_id": run_id, "model_version": version, "metrics": result.metrics,
+               "train_seconds": seconds}
+    write_bytes(marker, json.dumps(summary, default=str).encode(), job.storage)
+    return summary
 
 
 def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str | None = None,

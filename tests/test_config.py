@@ -1,0 +1,38 @@
+import pytest
+from pydantic import ValidationError
+
+from cfgen.config import JobConfig, load_config
+
+
+def test_demo_config_loads_with_overrides(tmp_path):
+    job = load_config("configs/demo.yaml", ["train.max_steps=7", "edit.edits=[{cardiomegaly: 1}]", "output_uri=x"])
+    assert job.train.max_steps == 7
+    assert job.edit.edits == [{"cardiomegaly": 1}]
+    assert job.output_uri == "x"
+    assert job.phantoms.n == 2000  # from the YAML, untouched
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_stpes: 3\n")
+    with pytest.raises(ValidationError, match="max_stpes"):
+        load_config(path)
+
+
+def test_fp16_on_cpu_fails_early():
+    with pytest.raises(ValidationError, match="fp16 needs a GPU"):
+        load_config(None, ["train.precision=fp16"])
+
+
+def test_override_without_equals_sign_is_explained():
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_secrets_never_appear_in_dumps():
+    job = JobConfig.model_validate({"storage": {"aws_access_key_id": "AKIAABCDEFGHIJKLMNOP",
+                                                "aws_secret_access_key": "s3cr3t-value-never-logged"}})
+    for text in (str(job), repr(job), job.model_dump_json()):
+        assert "s3cr3t-value-never-logged" not in text
+        assert "AKIAABCDEFGHIJKLMNOP" not in text
+    assert job.storage.aws_secret_access_key.get_secret_value() == "s3cr3t-value-never-logged"
