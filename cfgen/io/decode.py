@@ -52,7 +52,7 @@ REASONS: dict[str, str] = {
     "not_dicom": "the bytes do not parse as a DICOM data set",
     "corrupt_header": "a DICOM data element the decoder needs cannot be parsed",
     "no_pixel_data": "a DICOM data set without (7FE0,0010) Pixel Data, e.g. a structured report",
-    "missing_pixel_attributes": "Rows, Columns or Bits Allocated is missing, so the pixels cannot be laid out",
+    "missing_pixel_attributes": "Rows, Columns or Bits Allocated is missing or 0, so the pixels cannot be laid out",
     "unsupported_transfer_syntax": "no installed decoder handles the Transfer Syntax UID",
     "unsupported_pixel_format": "a pixel layout the decoders do not implement, e.g. ACR-NEMA packed 12-bit",
     "unsupported_photometric": "a Photometric Interpretation without a grayscale meaning, e.g. 4 samples per pixel",
@@ -305,9 +305,9 @@ def _check_pixel_module(ds, prov: dict[str, Any]) -> None:
     keyword = next((kw for kw in _PIXEL_DATA_KEYWORDS if kw in ds), None)
     if keyword is None or not ds[keyword].value:
         raise DecodeError("no_pixel_data", f"SOP class {_text(ds.get('SOPClassUID'))} holds no Pixel Data")
-    missing = [kw for kw in ("Rows", "Columns", "BitsAllocated") if _int(ds.get(kw)) is None]
+    missing = [kw for kw in ("Rows", "Columns", "BitsAllocated") if (_int(ds.get(kw)) or 0) < 1]
     if missing:
-        raise DecodeError("missing_pixel_attributes", f"missing {', '.join(missing)}")
+        raise DecodeError("missing_pixel_attributes", f"missing or zero: {', '.join(missing)}")
 
     bits_allocated = _int(ds.BitsAllocated)
     n_pixels = _int(ds.Rows) * _int(ds.Columns)

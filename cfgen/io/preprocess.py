@@ -14,6 +14,8 @@ Geometry (in the provenance) maps a source pixel coordinate to the output, in bo
 
     output = (source - (crop top, crop left)) * scale + (pad top, pad left)
 
+to within half an output pixel (the padded side is rounded to whole pixels).
+
 "pad" fits the whole image inside the square and fills the rest with 0, the black background of a radiograph;
 "crop" fills the square and cuts the centre out of the long side.
 """

@@ -111,6 +111,7 @@ def _local_copy(uri: str, storage: StorageConfig | None) -> str:
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
         if target.exists():
             shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(target)
         marker.touch()
     return str(target)

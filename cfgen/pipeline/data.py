@@ -47,7 +47,7 @@ def _decode_one(uri: str, data: DataConfig, storage: StorageConfig) -> tuple[np.
     try:
         image, provenance = decode_and_preprocess(payload, data.decode, uri=uri)
     except DecodeError as err:
-        return None, "decode", f"{err.reason}: {err}", {}
+        return None, "decode", str(err), {}  # "reason: message"
     except Exception as err:  # noqa: BLE001 - a decoder crash on a bad file must not end the job
         return None, "decode", f"decode_failed: {type(err).__name__}: {err}", {}
     return image, "", "", provenance
