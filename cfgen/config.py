@@ -93,6 +93,8 @@ class DataConfig(_Section):
     manifest_uri: str | None = Field(None, description="CSV or Parquet manifest (see cfgen.io.manifest)")
     manifest_format: Literal["cfgen", "chexpert", "mimic"] = "cfgen"
     image_root: str | None = Field(None, description="prefix for relative image paths in the manifest")
+    patients_uri: str | None = Field(None, description="MIMIC-IV patients.csv(.gz): age and sex for MIMIC-CXR")
+    labeler: Literal["chexpert", "negbio"] = Field("chexpert", description="which MIMIC-CXR label table to use")
     view_positions: list[str] | None = None
     splits: list[str] | None = None
     limit: int | None = Field(None, ge=1)
@@ -100,7 +102,7 @@ class DataConfig(_Section):
     prompt: PromptConfig = PromptConfig()
     read_concurrency: int = Field(8, ge=1)
 
-    @field_validator("manifest_uri", "image_root")
+    @field_validator("manifest_uri", "image_root", "patients_uri")
     @classmethod
     def _local_paths(cls, v: str | None) -> str | None:
         return None if v is None else _absolute(v)
@@ -192,6 +194,14 @@ class TrackingConfig(_Section):
     experiment: str = "cfgen"
     registered_model: str = "cfgen-sd"
     alias: str = "champion"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_sqlite(cls, v: str) -> str:
+        # a relative sqlite path would name another database in each Ray worker's working directory
+        if v.startswith("sqlite:///") and not v.startswith("sqlite:////"):
+            return "sqlite:///" + _absolute(v.removeprefix("sqlite:///"))
+        return v
 
 
 class RayConfig(_Section):

@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cfgen.config import DataConfig, DecodeConfig, PhantomConfig, StorageConfig
-from cfgen.pipeline.data import DecodeStage
+from cfgen.pipeline.data import DecodeStage, tensor_column, typed_table
 from cfgen.pipeline.generate import MeasureStage, edit_name
 from cfgen.phantoms.writers import write_phantoms
 
@@ -23,15 +24,20 @@ def test_decode_stage_keeps_every_row_and_names_each_failure(tmp_path):
     bad = pd.DataFrame({"image_id": ["corrupt", "gone"], "image_uri": [str(tmp_path / "corrupt.dcm"),
                                                                       str(tmp_path / "missing.dcm")]})
     batch = pd.concat([rows, bad], ignore_index=True)
-    out = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(batch)
-    assert len(out["status"]) == len(batch)
-    assert list(out["status"]) == ["ok"] * 3 + ["error", "error"]
+    table = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(batch)
+    out, images = table.drop_columns(["image"]).to_pydict(), tensor_column(table, "image")
+    assert table.num_rows == len(batch)
+    assert out["status"] == ["ok"] * 3 + ["error", "error"]
     assert out["error_stage"][3] == "decode" and out["error_reason"][3]
     assert out["error_stage"][4] == "read" and out["error_reason"][4].startswith("missing_object")
-    assert out["image"].shape == (5, 64, 64) and out["image"].dtype == np.uint8
-    assert out["image"][0].max() > 100  # a decoded phantom, not the zero placeholder
-    assert not out["image"][3].any()
+    assert out["error_stage"][0] is None and table.schema.field("error_stage").type == pa.string()
+    assert images.shape == (5, 64, 64) and images.dtype == np.uint8
+    assert images[0].max() > 100  # a decoded phantom, not the zero placeholder
+    assert not images[3].any()
     assert out["prompt"][0].startswith("a chest x-ray of a ")
+
+    typed = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(pa.Table.from_pandas(rows))
+    assert typed.schema.field("phantom_index").type == pa.int64()  # Arrow input types survive the stage
 
 
 def test_decoded_phantom_matches_its_rendering(tmp_path):
@@ -39,17 +45,17 @@ def test_decoded_phantom_matches_its_rendering(tmp_path):
     from cfgen.phantoms.scm import PhantomSCM
 
     cfg, rows = _phantom_rows(tmp_path, n=4)
-    out = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(rows)
+    images = tensor_column(DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(rows), "image")
     scm = PhantomSCM(cfg)
     for i, index in enumerate(rows["phantom_index"]):
         rendered, _ = scm.render(scm.subject(int(index)))
-        assert np.abs(out["image"][i] / 255.0 - rendered).max() < 2.5 / 255
+        assert np.abs(images[i] / 255.0 - rendered).max() < 2.5 / 255
 
 
 def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     cfg, rows = _phantom_rows(tmp_path, n=2)
     stage = MeasureStage(str(tmp_path / "gen"), StorageConfig(), DecodeConfig(size=64), phantoms=cfg)
-    edit = {"support_devices": 0}
+    edit = {"support_devices": 1}
     base = {k: rows[k].to_numpy() for k in ("image_id", "phantom_index")}
     truth = [stage.true_counterfactual({"phantom_index": i, "edit": json.dumps(edit)}) for i in base["phantom_index"]]
     factual = np.stack([stage.true_counterfactual({"phantom_index": i, "edit": "{}"}) for i in base["phantom_index"]])
@@ -61,10 +67,10 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
         "counterfactual": (np.stack(truth) * 255).round().astype(np.uint8),
         "reconstruction": (factual * 255).round().astype(np.uint8),
     }
-    out = MeasureStage.__call__(stage, batch)
+    out = stage(typed_table(batch)).to_pydict()
     assert np.allclose(out["cf_error_l1"], 0, atol=1e-6)
     assert np.allclose(out["reconstruction_l1"], 0, atol=1e-6)
-    assert np.all(out["l1_factual_counterfactual"] >= 0)
+    assert np.all(np.array(out["l1_factual_counterfactual"]) > 0)  # adding a device changes pixels
     assert set(out) >= {"counterfactual_uri", "panel_uri"} and "image" not in out
     assert (tmp_path / "gen" / "panels").exists() and len(list((tmp_path / "gen" / "images").iterdir())) == 2
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cfgen.config import DataConfig, JobConfig, StorageConfig
 from cfgen.io.decode import DecodeError
-from cfgen.io.manifest import filter_manifest, manifest_to_arrow, normalize_manifest, read_manifest
+from cfgen.io.manifest import MANIFEST_SCHEMA, filter_manifest, manifest_to_arrow, normalize_manifest, read_manifest
 from cfgen.io.preprocess import decode_and_preprocess
 from cfgen.io.prompts import build_prompt
 from cfgen.io.storage import read_bytes, redact
@@ -24,13 +25,52 @@ from cfgen.io.storage import read_bytes, redact
 #: Columns of every decoded row besides the manifest's own.
 DECODED_COLUMNS = ("image", "prompt", "status", "error_stage", "error_reason", "provenance")
 
+#: Text columns cfgen's stages add. Typed explicitly: a batch in which every value is missing must still write
+#: `string`, not Arrow's `null` type, or Parquet files of one data set would disagree on their schema.
+TEXT_COLUMNS = (
+    "prompt", "status", "error_stage", "error_reason", "provenance", "edit", "edit_name",
+    "counterfactual_prompt", "model_uri", "counterfactual_uri", "panel_uri",
+)
+
+
+def append_columns(table: pa.Table, added: pa.Table) -> pa.Table:
+    """Input columns keep their types; a stage's own columns are appended."""
+    for name in added.column_names:
+        table = table.append_column(name, added[name])
+    return table
+
+
+def tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    """A Ray tensor column of an Arrow batch as one numpy array [rows, ...]."""
+    return np.asarray(table[name].combine_chunks().to_numpy(zero_copy_only=False))
+
+
+def typed_table(columns: dict[str, Any]) -> pa.Table:
+    """A batch as an Arrow table: manifest columns get `MANIFEST_SCHEMA` types, stage text columns `string`,
+    numpy arrays of 2+ dimensions Ray's tensor type; anything else is inferred."""
+    from ray.data.extensions import ArrowTensorArray
+
+    known = {f.name: f.type for f in MANIFEST_SCHEMA}
+    known.update({name: pa.string() for name in TEXT_COLUMNS})
+    arrays, names = [], []
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray) and values.ndim > 1:
+            arrays.append(ArrowTensorArray.from_numpy(values))
+        else:
+            data = values.tolist() if isinstance(values, np.ndarray) and values.dtype == object else values
+            arrays.append(pa.array(data, type=known.get(name), from_pandas=True))
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
 
 def load_manifest(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """(ok rows after filters, manifest error rows, number of input rows) for `job.data`."""
     data = job.data
     if not data.manifest_uri:
         raise ValueError("data.manifest_uri is not set: point it at a manifest CSV/Parquet or a data-set root")
-    raw = read_manifest(data.manifest_uri, job.storage, fmt=data.manifest_format, image_root=data.image_root)
+    layout = {"patients_uri": data.patients_uri, "labeler": data.labeler} if data.manifest_format == "mimic" else {}
+    raw = read_manifest(data.manifest_uri, job.storage, fmt=data.manifest_format, image_root=data.image_root,
+                        **layout)
     ok, errors = normalize_manifest(raw)
     ok = filter_manifest(ok, data.view_positions, data.splits, data.limit)
     return ok, errors, len(raw)
@@ -60,39 +100,26 @@ class DecodeStage:
         self.data, self.storage, self.io_threads = data, storage, io_threads
         self.dtype = np.uint16 if data.decode.dtype == "uint16" else np.uint8
 
-    def __call__(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        uris = batch["image_uri"].tolist()
+    def __call__(self, batch: pa.Table | pd.DataFrame) -> pa.Table:
+        table = batch if isinstance(batch, pa.Table) else manifest_to_arrow(batch)
+        rows = table.to_pylist()
+        uris = [r["image_uri"] for r in rows]
         with ThreadPoolExecutor(max_workers=min(self.io_threads, max(1, len(uris)))) as pool:
             results = list(pool.map(lambda u: _decode_one(u, self.data, self.storage), uris))
         size = self.data.decode.size
         images = np.zeros((len(uris), size, size), dtype=self.dtype)
-        status, stages, reasons, provenance = [], [], [], []
-        for i, (image, stage, reason, prov) in enumerate(results):
+        for i, (image, *_) in enumerate(results):
             if image is not None:
                 images[i] = image
-            status.append("ok" if image is not None else "error")
-            stages.append(stage or None)
-            reasons.append(reason or None)
-            provenance.append(json.dumps(prov, default=str))
-        rows = batch.to_dict("records")
-        out: dict[str, Any] = {c: _column(batch[c]) for c in batch.columns}
-        out["image"] = images
-        out["prompt"] = np.array([build_prompt(r, self.data.prompt) for r in rows], dtype=object)
-        out["status"] = np.array(status, dtype=object)
-        out["error_stage"] = np.array(stages, dtype=object)
-        out["error_reason"] = np.array(reasons, dtype=object)
-        out["provenance"] = np.array(provenance, dtype=object)
-        return out
-
-
-def _column(series: pd.Series) -> np.ndarray:
-    if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
-        return np.array([None if _missing(v) else v for v in series.tolist()], dtype=object)
-    return series.to_numpy()
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+        added = typed_table({
+            "image": images,
+            "prompt": [build_prompt(r, self.data.prompt) for r in rows],
+            "status": ["ok" if image is not None else "error" for image, *_ in results],
+            "error_stage": [stage or None for _, stage, _, _ in results],
+            "error_reason": [reason or None for _, _, reason, _ in results],
+            "provenance": [json.dumps(prov, default=str) for *_, prov in results],
+        })
+        return append_columns(table, added)
 
 
 def manifest_dataset(rows: pd.DataFrame, rows_per_block: int = 256):
@@ -110,10 +137,10 @@ def decode_dataset(rows_ds, data: DataConfig, storage: StorageConfig, batch_size
         _decode_batch,
         fn_kwargs={"data": data, "storage": storage},
         batch_size=batch_size,
-        batch_format="pandas",
+        batch_format="pyarrow",
         num_cpus=num_cpus,
     )
 
 
-def _decode_batch(batch: pd.DataFrame, data: DataConfig, storage: StorageConfig) -> dict[str, np.ndarray]:
+def _decode_batch(batch: pa.Table, data: DataConfig, storage: StorageConfig) -> pa.Table:
     return DecodeStage(data, storage)(batch)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from cfgen.config import DecodeConfig, EditConfig, JobConfig, PhantomConfig, PromptConfig, StorageConfig
 from cfgen.io.prompts import counterfactual_prompt
 from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
-from cfgen.pipeline.ingest import decoded_rows
 from cfgen.metrics.image import as_unit_float, difference_map, edit_metrics
+from cfgen.pipeline.data import append_columns, tensor_column, typed_table
+from cfgen.pipeline.ingest import decoded_rows
 
 #: Arrays that travel between stages but are not written to the results table.
 _ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction")
@@ -33,19 +35,6 @@ def edit_name(edit: dict[str, Any]) -> str:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
-
-
-def _rows(batch: dict[str, np.ndarray], skip=_ARRAY_COLUMNS) -> list[dict[str, Any]]:
-    keys = [k for k in batch if k not in skip]
-    n = len(next(iter(batch.values())))
-    return [{k: batch[k][i] for k in keys} for i in range(n)]
-
-
-def _pack(values: list[Any]) -> np.ndarray:
-    """A list of scalars as a numpy column: object dtype when it holds text or missing values."""
-    if any(v is None or isinstance(v, (str, bytes)) for v in values):
-        return np.array(values, dtype=object)
-    return np.array(values)
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
@@ -66,43 +55,40 @@ class CounterfactualStage:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(model_uri, self.job.storage, device=device, dtype=dtype)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from cfgen.editing.ddim import ddim_counterfactuals
 
         edit: EditConfig = self.job.edit
         prompt: PromptConfig = self.job.data.prompt
-        rows = _rows(batch)
+        images = tensor_column(batch, "image")
+        meta = batch.drop_columns(["image"])
+        rows = meta.to_pylist()
         factual = [str(r["prompt"]) for r in rows]
         cf_prompts = [[counterfactual_prompt(r, e, prompt) for r in rows] for e in edit.edits]
         result = ddim_counterfactuals(
             self.pipe,
-            batch["image"],
+            images,
             factual,
             cf_prompts,
             edit.num_inference_steps,
             edit.guidance_scale,
             with_reconstruction=True,
         )
-        out: dict[str, list] = {k: [] for k in [*rows[0].keys(), "image", "reconstruction", "counterfactual",
-                                                "edit", "edit_name", "counterfactual_prompt", "seed", "model_uri",
-                                                "unet_evaluations", "num_inference_steps"]}
-        recon = _to_uint8(result.reconstruction)
-        for e, prompts, images in zip(edit.edits, cf_prompts, result.counterfactuals):
-            cf = _to_uint8(images)
-            for i, row in enumerate(rows):
-                for k, v in row.items():
-                    out[k].append(v)
-                out["image"].append(_to_uint8(as_unit_float(batch["image"][i])))
-                out["reconstruction"].append(recon[i])
-                out["counterfactual"].append(cf[i])
-                out["edit"].append(json.dumps(e, sort_keys=True))
-                out["edit_name"].append(edit_name(e))
-                out["counterfactual_prompt"].append(prompts[i])
-                out["seed"].append(edit.seed)
-                out["model_uri"].append(self.model_uri)
-                out["unet_evaluations"].append(result.unet_evaluations)
-                out["num_inference_steps"].append(edit.num_inference_steps)
-        return {k: np.stack(v) if k in _ARRAY_COLUMNS else _pack(v) for k, v in out.items()}
+        n, k = len(rows), len(edit.edits)
+        out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
+        added = typed_table({
+            "image": np.tile(_to_uint8(as_unit_float(images)), (k, 1, 1)),
+            "reconstruction": np.tile(_to_uint8(result.reconstruction), (k, 1, 1)),
+            "counterfactual": np.concatenate([_to_uint8(c) for c in result.counterfactuals]),
+            "edit": [json.dumps(e, sort_keys=True) for e in edit.edits for _ in range(n)],
+            "edit_name": [edit_name(e) for e in edit.edits for _ in range(n)],
+            "counterfactual_prompt": [p for prompts in cf_prompts for p in prompts],
+            "seed": np.full(n * k, edit.seed, dtype=np.int64),
+            "model_uri": [self.model_uri] * (n * k),
+            "unet_evaluations": np.full(n * k, result.unet_evaluations, dtype=np.int64),
+            "num_inference_steps": np.full(n * k, edit.num_inference_steps, dtype=np.int64),
+        })
+        return append_columns(out, added)
 
 
 class MeasureStage:
@@ -134,24 +120,22 @@ class MeasureStage:
         fixed = to_fixed_size(image, self.decode.size, self.decode.resize_mode)
         return as_unit_float(quantize(fixed, "uint8"))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = _rows(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        factual, cfs, recons = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
+        meta = batch.drop_columns(list(_ARRAY_COLUMNS))
         metrics, cf_uris, panel_uris = [], [], []
-        for i, row in enumerate(rows):
-            factual, cf, recon = batch["image"][i], batch["counterfactual"][i], batch["reconstruction"][i]
+        for i, row in enumerate(meta.to_pylist()):
             truth = self.true_counterfactual(row)
-            metrics.append(edit_metrics(factual, cf, truth, recon))
+            metrics.append(edit_metrics(factual[i], cfs[i], truth, recons[i]))
             stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
             cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
             panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))
-            write_bytes(cf_uris[-1], png_bytes(cf), self.storage)
-            write_bytes(panel_uris[-1], png_bytes(panel(factual, cf, truth)), self.storage)
-        extra: dict[str, Any] = {"counterfactual_uri": _pack(cf_uris), "panel_uri": _pack(panel_uris)}
+            write_bytes(cf_uris[-1], png_bytes(cfs[i]), self.storage)
+            write_bytes(panel_uris[-1], png_bytes(panel(factual[i], cfs[i], truth)), self.storage)
+        added: dict[str, Any] = {"counterfactual_uri": cf_uris, "panel_uri": panel_uris}
         for name in metrics[0]:
-            extra[name] = np.array([m[name] for m in metrics], dtype=np.float64)
-        out = {k: v for k, v in batch.items() if k not in _ARRAY_COLUMNS}
-        out.update(extra)
-        return out
+            added[name] = np.array([m[name] for m in metrics], dtype=np.float64)
+        return append_columns(meta, typed_table(added))
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -223,7 +207,7 @@ def generate(
         batch_size=edit.batch_size,
         num_cpus=edit.cpus_per_actor,
         num_gpus=edit.gpus_per_actor or None,
-        batch_format="numpy",
+        batch_format="pyarrow",
     )
     measured = cf.map_batches(
         MeasureStage,
@@ -233,7 +217,7 @@ def generate(
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=edit.batch_size * len(edit.edits),
         num_cpus=0.25,
-        batch_format="numpy",
+        batch_format="pyarrow",
     )
     res_fs, res_path = pyarrow_filesystem(results_uri, job.storage)
     before = _count(results_uri, job)

@@ -6,6 +6,7 @@ is made absolute so Ray workers that chdir elsewhere still write to the same sto
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,10 @@ class StepLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._buffer.append((metrics, step))
         if len(self._buffer) >= self.flush_every:
-            self.flush()
+            try:
+                self.flush()
+            except Exception as err:  # noqa: BLE001 - a tracking outage must not end a training run
+                logging.getLogger("cfgen").warning("MLflow logging failed, metrics kept for the next flush: %s", err)
 
     def flush(self) -> None:
         import time
