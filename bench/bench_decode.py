@@ -16,10 +16,13 @@ One run does everything, so that every figure comes from the same machine state:
    - the Ray Data path: `decode_dataset(manifest_dataset(rows))` consumed with `iter_batches`;
    - the whole `ingest` job (manifest read, decode, Parquet written to the bucket, errors table);
    and check that the baseline, DecodeStage and Ray Data produce the same number of ok images and the same pixels;
-3. stream `--stream-n` phantoms (and a 10x smaller stream) through the Ray Data path, discarding batches, while a
-   thread samples the RSS of the driver and of every Ray process and Ray's object store usage every 0.5 s.
+3. write `--stream-n` phantoms to a local temp folder (or, with `--stream-storage s3`, to the bucket: moto serves
+   about 100 objects/s here, too slow for 100,000 in one sitting), time the baseline on the first tenth, then
+   stream the first tenth and all of them through the Ray Data path, discarding batches, while a thread samples
+   the RSS of the driver and of every Ray process and Ray's object store usage every 0.5 s.
 
-Run from the repository root:  .venv/bin/python bench/bench_decode.py  (see bench/README.md for options)
+No figure is asserted: this prints a table (plain and markdown) for bench/RESULTS.md.
+Run from the repository root:  .venv/bin/python bench/bench_decode.py  (bench/README.md lists the options)
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ for _key in ("NO_PROXY", "no_proxy"):
 
 from cfgen.config import DataConfig, DecodeConfig, JobConfig, PhantomConfig, RayConfig, StorageConfig  # noqa: E402
 from cfgen.io.preprocess import decode_and_preprocess  # noqa: E402
-from cfgen.io.storage import fsspec_filesystem, read_bytes  # noqa: E402
+from cfgen.io.storage import read_bytes  # noqa: E402
 from cfgen.phantoms.writers import write_manifest, write_phantom_shard  # noqa: E402
 from cfgen.pipeline.data import (  # noqa: E402
     DecodeStage,
@@ -263,6 +266,35 @@ def run_ingest(job: JobConfig, output_uri: str) -> PathResult:
                       None)
 
 
+def cpu_seconds(moto_pid: int) -> dict[str, float]:
+    """CPU time (user + system) so far of this process, of the moto server and of everything Ray started.
+
+    On 2 cores the paths compete with the storage server for the same CPUs: where the seconds go says more than
+    the wall clock alone. Ray processes that exit take their seconds with them (an undercount, not an overcount).
+    """
+    import psutil
+
+    def used(proc: psutil.Process) -> float:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            times = proc.cpu_times()
+            return times.user + times.system
+        return 0.0
+
+    driver = psutil.Process()
+    ray_procs = [p for p in driver.children(recursive=True) if p.pid != moto_pid]
+    return {"driver": used(driver), "moto": used(psutil.Process(moto_pid)), "ray": sum(map(used, ray_procs))}
+
+
+@contextlib.contextmanager
+def cpu_spent(moto_pid: int) -> Iterator[dict[str, float]]:
+    """A dict that, on exit, holds the CPU seconds each party spent inside the block, as `cpu_driver` etc."""
+    spent: dict[str, float] = {}
+    before = cpu_seconds(moto_pid)
+    yield spent
+    after = cpu_seconds(moto_pid)
+    spent.update({f"cpu_{k}": after[k] - before[k] for k in after})
+
+
 # ------------------------------------------------------------------------------------------------ memory
 class MemorySampler:
     """Peak RSS of the driver, of Ray's worker processes and of everything Ray started, and peak object store use.
@@ -282,7 +314,7 @@ class MemorySampler:
         # several Ray clusters may run on this machine (other jobs): ask ours by its address
         address = ray.get_runtime_context().gcs_address
         self._summary = lambda: memory_summary(address=address, stats_only=True)
-        self.peak = {"driver_rss": 0, "ray_workers_rss": 0, "total_rss": 0, "object_store": 0}
+        self.peak = {"driver_rss": 0, "ray_workers_rss": 0, "ray_workers": 0, "total_rss": 0, "object_store": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -290,7 +322,7 @@ class MemorySampler:
         import psutil
 
         driver = self.driver.memory_info().rss
-        workers = others = 0
+        workers = others = n_workers = 0
         for proc in self.driver.children(recursive=True):
             if proc.pid in self.exclude:
                 continue
@@ -299,11 +331,12 @@ class MemorySampler:
                 # workers retitle themselves "ray::IDLE", "ray::_decode_batch", ...; agents are "ray::...Agent"
                 if proc.name().startswith("ray::") and not proc.name().endswith("Agent"):
                     workers += rss
+                    n_workers += 1
                 else:
                     others += rss
         match = re.search(r"Plasma memory usage (\d+) MiB", self._summary())
         store = int(match.group(1)) * MiB if match else 0
-        for key, value in (("driver_rss", driver), ("ray_workers_rss", workers),
+        for key, value in (("driver_rss", driver), ("ray_workers_rss", workers), ("ray_workers", n_workers),
                            ("total_rss", driver + workers + others), ("object_store", store)):
             self.peak[key] = max(self.peak[key], value)
 
@@ -323,19 +356,20 @@ class MemorySampler:
         self._sample()
 
 
-def stream_memory(rows: pd.DataFrame, job: JobConfig, exclude: set[int]) -> dict[str, Any]:
+def stream_memory(rows: pd.DataFrame, job: JobConfig, exclude: set[int]) -> tuple[dict[str, Any], PathResult]:
     """Stream rows through the Ray Data path, dropping each batch, and report peaks next to the data volume."""
-    counts = {"rows": 0, "ok": 0}
+    ok = [0]
 
     def discard(batch: dict[str, np.ndarray]) -> None:
-        counts["rows"] += len(batch["status"])
-        counts["ok"] += int((batch["status"] == "ok").sum())
+        ok[0] += int((batch["status"] == "ok").sum())
 
     with MemorySampler(exclude) as sampler:
         result = run_ray_data(rows, job, consume=discard)
+    result.ok, result.pixel_sum = ok[0], None  # batches are dropped unread: no pixel sum
     size = job.data.decode.size
-    return {"n": len(rows), "ok": counts["ok"], "seconds": result.seconds, "images_per_s": result.images_per_s,
-            "decoded_bytes": len(rows) * size * size, **sampler.peak}
+    figures = {"n": len(rows), "ok": ok[0], "images_per_s": result.images_per_s,
+               "decoded_bytes": len(rows) * size * size, **sampler.peak}
+    return figures, result
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -362,26 +396,29 @@ def machine_facts() -> dict[str, str]:
 
 
 def throughput_table(results: list[PathResult], reference: PathResult) -> list[list[str]]:
-    table = [["path", "images", "seconds", "images/s", "x baseline", "ok", "pixel sum"]]
+    table = [["path", "images", "seconds", "images/s", "x baseline", "CPU s driver / Ray / moto", "ok",
+              "pixel sum"]]
     for r in results:
+        cpu = " / ".join(f"{r.notes[f'cpu_{k}']:.1f}" if f"cpu_{k}" in r.notes else "-"
+                         for k in ("driver", "ray", "moto"))
         table.append([r.name, str(r.images), f"{r.seconds:.1f}", f"{r.images_per_s:.0f}",
-                      f"{r.images_per_s / reference.images_per_s:.2f}", str(r.ok),
+                      f"{r.images_per_s / reference.images_per_s:.2f}", cpu, str(r.ok),
                       "-" if r.pixel_sum is None else str(r.pixel_sum)])
     return table
 
 
 def memory_table(streams: list[dict[str, Any]]) -> list[list[str]]:
-    table = [["stream", "images/s", "decoded data", "peak driver RSS", "peak Ray workers RSS",
-              "peak total RSS (driver + all Ray)", "peak object store"]]
+    table = [["stream", "images/s", "decoded data (N x size^2 B)", "peak driver RSS", "peak Ray workers RSS",
+              "most Ray workers", "peak total RSS (driver + all Ray)", "peak object store"]]
     for s in streams:
         table.append([f"{s['n']} images ({s['ok']} ok)", f"{s['images_per_s']:.0f}", _mib(s["decoded_bytes"]),
-                      _mib(s["driver_rss"]), _mib(s["ray_workers_rss"]), _mib(s["total_rss"]),
-                      _mib(s["object_store"])])
+                      _mib(s["driver_rss"]), _mib(s["ray_workers_rss"]), str(s["ray_workers"]),
+                      _mib(s["total_rss"]), _mib(s["object_store"])])
     return table
 
 
 def _mib(n: int) -> str:
-    return f"{n / MiB:,.0f} MiB"
+    return f"{n / MiB:,.0f} MiB" if n >= 10 * MiB else f"{n / MiB:.1f} MiB"
 
 
 def markdown(table: list[list[str]]) -> str:
@@ -405,23 +442,126 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--skip-stream", action="store_true", help="throughput comparison only")
     parser.add_argument("--skip-ingest", action="store_true", help="do not time the full ingest job")
+    parser.add_argument(
+        "--stream-storage", choices=("local", "s3"), default="local",
+        help="where the streamed phantoms live: a local temp folder (default: moto serves about 100 objects/s on "
+             "2 cores, so 100,000 would take over half an hour to write and as long to read) or the moto bucket",
+    )
     args = parser.parse_args(argv)
     if args.n < 1 or (not args.skip_stream and args.stream_n < 10):
         parser.error("--n must be at least 1 and --stream-n at least 10")
     return args
 
 
+def _progress(result: PathResult) -> None:
+    print(f"  {result.name}: {result.images} images, {result.images_per_s:.0f} images/s", flush=True)
+
+
+def compare_throughput(args: argparse.Namespace, job: JobConfig, moto_pid: int) -> list[PathResult]:
+    """Every path over the same manifest rows; baseline first, so that it is the reference of the ratios."""
+    rows = manifest_rows(job)
+    results = []
+    for run in (run_baseline, run_minimal, run_decode_stage, run_ray_data):
+        run(rows.head(WARMUP_ROWS), job)
+        with cpu_spent(moto_pid) as cpu:
+            results.append(run(rows, job))
+        results[-1].notes.update(cpu)
+        _progress(results[-1])
+    if not args.skip_ingest:
+        with cpu_spent(moto_pid) as cpu:
+            results.append(run_ingest(job, f"s3://{BUCKET}/runs/ingest"))
+        results[-1].notes.update(cpu)
+        _progress(results[-1])
+    return results
+
+
+def _stream_label(args: argparse.Namespace) -> str:
+    return "S3 (moto)" if args.stream_storage == "s3" else "local files"
+
+
+def measure_streams(args: argparse.Namespace, storage: StorageConfig, moto_pid: int, folder: str):
+    """(memory figures per stream, timed paths on the stream set, where the stream set lives)."""
+    uri = f"s3://{BUCKET}/stream" if args.stream_storage == "s3" else folder
+    seconds = write_phantom_set(args.stream_n, args.size, uri, storage)
+    where = f"{args.stream_n} phantoms written to {uri} ({_stream_label(args)})"
+    print(f"{where} in {seconds:.0f} s (not measured)", flush=True)
+    job = bench_job(storage, uri, args.out_size)
+    rows = manifest_rows(job)
+    small = rows.head(args.stream_n // 10)
+    # The baseline over the small stream's rows: the ratio again, where storage is not a Python server on 2 cores.
+    run_baseline(small.head(WARMUP_ROWS), job)
+    with cpu_spent(moto_pid) as cpu:
+        results = [run_baseline(small, job)]
+    results[0].notes.update(cpu)
+    _progress(results[-1])
+    streams = []
+    for part in (small, rows):  # the small stream first: nothing the big one leaves behind can flatter it
+        with cpu_spent(moto_pid) as cpu:
+            figures, result = stream_memory(part, job, {moto_pid})
+        result.notes.update(cpu)
+        streams.append(figures)
+        results.append(result)
+        _progress(result)
+    for result in results:
+        result.name += f" [stream set, {_stream_label(args)}]"
+    return streams, results, where
+
+
+def report(args, facts, results: list[PathResult], stream_results: list[PathResult], streams, where: str) -> None:
+    baseline, stage, ray_data = results[0], results[2], results[3]
+    throughput = throughput_table(results, baseline)
+    if stream_results:
+        throughput += throughput_table(stream_results, stream_results[0])[1:]
+    lines = [f"{key}: {value}" for key, value in facts.items()]
+    lines += ["", f"Decode + preprocess of {args.n} phantom DICOMs ({args.size} px -> {args.out_size} px), "
+                  f"Ray with {args.ray_cpus} logical CPUs; 'x baseline' is against the baseline on the same files:"]
+    summary = [f"Ray Data / baseline, S3 (moto): {ray_data.images_per_s / baseline.images_per_s:.2f}x "
+               f"({ray_data.images_per_s:.0f} vs {baseline.images_per_s:.0f} images/s)"]
+    if stream_results:
+        local_baseline, local_ray = stream_results[:2]
+        summary.append(f"Ray Data / baseline, stream set, {_stream_label(args)} ({local_ray.images} images): "
+                       f"{local_ray.images_per_s / local_baseline.images_per_s:.2f}x "
+                       f"({local_ray.images_per_s:.0f} vs {local_baseline.images_per_s:.0f} images/s)")
+    summary.append(f"baseline time split on S3: read_bytes {baseline.notes['read_s']:.1f} s, "
+                   f"decode_and_preprocess {baseline.notes['decode_s']:.1f} s")
+    for other in (stage, ray_data):
+        same = other.ok == baseline.ok and other.digests == baseline.digests
+        summary.append(f"same ok count ({other.ok} vs {baseline.ok}) and identical pixels (pixel sum {other.pixel_sum} "
+                       f"vs {baseline.pixel_sum}, per-image CRC-32) as the baseline: {other.name}: "
+                       f"{'yes' if same else 'NO'}")
+    summary += [f"{r.name}: {r.ok} of {r.images} ok, EXPECTED ALL" for r in results[4:] if r.ok != r.images]
+
+    print("\n== results ==")
+    print("\n".join(lines))
+    print(plain(throughput))
+    print("\n".join(["", *summary]))
+    if streams:
+        print(f"\nStreaming memory ({where}; batches consumed and dropped):")
+        print(plain(memory_table(streams)))
+    print("\n== markdown ==\n")
+    print("\n".join(f"- {line}" if line else "" for line in lines))
+    print()
+    print(markdown(throughput))
+    print()
+    print("\n".join(f"- {line}" for line in summary))
+    if streams:
+        print(f"\nStreaming memory ({where}; batches consumed and dropped):\n")
+        print(markdown(memory_table(streams)))
+
+
 def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    import psutil
     import ray
     import ray.data
 
     args = parse_args(argv)
     facts = machine_facts()
-    print(f"cfgen decode benchmark: {' '.join(sys.argv)}", flush=True)
-    for key, value in facts.items():
-        print(f"  {key}: {value}")
+    facts["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+    print("\n".join(f"{key}: {value}" for key, value in facts.items()), flush=True)
 
-    with moto_server() as (endpoint, moto_pid):
+    with moto_server() as (endpoint, moto_pid), tempfile.TemporaryDirectory(prefix="cfgen-bench-") as folder:
         storage = StorageConfig(endpoint_url=endpoint)
         create_bucket(storage, BUCKET)
         init_ray(RayConfig(num_cpus=args.ray_cpus))
@@ -429,63 +569,18 @@ def main(argv: list[str] | None = None) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         phantoms_uri = f"s3://{BUCKET}/phantoms"
-        job = bench_job(storage, phantoms_uri, args.out_size)
         seconds = write_phantom_set(args.n, args.size, phantoms_uri, storage)
-        print(f"wrote {args.n} phantoms ({args.size} px) to {phantoms_uri} in {seconds:.0f} s (not measured)", flush=True)
-        rows = manifest_rows(job)
-        warmup = rows.head(WARMUP_ROWS)
-
-        results = []
-        for run in (run_baseline, run_minimal, run_decode_stage, run_ray_data):
-            run(warmup, job)
-            results.append(run(rows, job))
-            print(f"  {results[-1].name}: {results[-1].images_per_s:.0f} images/s", flush=True)
-        if not args.skip_ingest:
-            results.append(run_ingest(job, f"s3://{BUCKET}/runs/ingest"))
-            print(f"  {results[-1].name}: {results[-1].images_per_s:.0f} images/s", flush=True)
-        baseline, stage, ray_data = results[0], results[2], results[3]
-        same = {r.name: r.ok == baseline.ok and r.digests == baseline.digests for r in (stage, ray_data)}
-        ingest_ok = [r for r in results[4:] if r.ok != len(rows)]
-
-        streams: list[dict[str, Any]] = []
-        stream_where = ""
+        print(f"wrote {args.n} phantoms ({args.size} px) to {phantoms_uri} in {seconds:.0f} s (not measured)",
+              flush=True)
+        results = compare_throughput(args, bench_job(storage, phantoms_uri, args.out_size), moto_pid)
+        streams, stream_results, where = [], [], ""
         if not args.skip_stream:
-            stream_uri = f"s3://{BUCKET}/stream"
-            seconds = write_phantom_set(args.stream_n, args.size, stream_uri, storage)
-            stream_where = f"{args.stream_n} phantoms written to {stream_uri} (moto) in {seconds:.0f} s"
-            print(stream_where, flush=True)
-            stream_job = bench_job(storage, stream_uri, args.out_size)
-            stream_rows = manifest_rows(stream_job)
-            for n in (args.stream_n // 10, args.stream_n):  # the small stream first: nothing cached helps it
-                streams.append(stream_memory(stream_rows.head(n), stream_job, {moto_pid}))
-                print(f"  streamed {n}: peak total RSS {_mib(streams[-1]['total_rss'])}", flush=True)
+            streams, stream_results, where = measure_streams(args, storage, moto_pid, folder)
         facts["load average at end (1, 5, 15 min)"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        facts["moto server RSS at end"] = _mib(psutil.Process(moto_pid).memory_info().rss)
         ray.shutdown()
 
-    print("\n== results ==")
-    for key, value in facts.items():
-        print(f"  {key}: {value}")
-    throughput = throughput_table(results, baseline)
-    print(f"\nDecode + preprocess of {args.n} phantom DICOMs ({args.size} px -> {args.out_size} px) from S3 (moto), "
-          f"Ray with {args.ray_cpus} logical CPUs:")
-    print(plain(throughput))
-    print(f"\nRay Data / baseline: {ray_data.images_per_s / baseline.images_per_s:.2f}x "
-          f"({ray_data.images_per_s:.0f} vs {baseline.images_per_s:.0f} images/s)")
-    print(f"baseline time split: read {baseline.notes['read_s']:.1f} s, decode+preprocess "
-          f"{baseline.notes['decode_s']:.1f} s")
-    for name, equal in same.items():
-        print(f"same ok count and identical pixels as the baseline: {name}: {'yes' if equal else 'NO'}")
-    if ingest_ok:
-        print(f"ingest decoded {ingest_ok[0].ok} of {len(rows)} rows ok: EXPECTED ALL")
-    if streams:
-        print(f"\nStreaming memory ({stream_where}; batches consumed and dropped):")
-        print(plain(memory_table(streams)))
-
-    print("\n== markdown ==\n")
-    print(markdown(throughput))
-    if streams:
-        print()
-        print(markdown(memory_table(streams)))
+    report(args, facts, results, stream_results, streams, where)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,19 @@ def test_secrets_never_appear_in_dumps():
         assert "s3cr3t-value-never-logged" not in text
         assert "AKIAABCDEFGHIJKLMNOP" not in text
     assert job.storage.aws_secret_access_key.get_secret_value() == "s3cr3t-value-never-logged"
+
+
+def test_mlflow_params_carry_the_config_but_no_secret():
+    from cfgen.tracking.runs import flatten_config
+
+    job = JobConfig.model_validate({"storage": {"endpoint_url": "http://127.0.0.1:9000",
+                                                "aws_secret_access_key": "s3cr3t-value-never-logged"}})
+    params = flatten_config(job)
+    assert params["storage.endpoint_url"] == "http://127.0.0.1:9000"
+    assert params["train.zero_stage"] == "2"
+    assert not any("s3cr3t" in v for v in params.values())
+
+
+def test_relative_sqlite_tracking_uri_is_made_absolute():
+    job = load_config(None, ["tracking.tracking_uri=sqlite:///runs/x.db"])
+    assert job.tracking.tracking_uri.startswith("sqlite:////") and job.tracking.tracking_uri.endswith("/runs/x.db")

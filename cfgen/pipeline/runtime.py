@@ -30,8 +30,13 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
         return ray
-    # Ray binds to the machine's external address by default; a laptop run stays on loopback.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray registers the node under the machine's external address by default; the embedded run stays on
+    # loopback. Ray reads this switch when `ray` is first imported, so the already-imported constant is set too
+    # (the processes Ray starts inherit the variable).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
