@@ -73,3 +73,11 @@ def test_pipeline_round_trips_through_s3(tiny_dir, s3_storage, bucket, tmp_path,
     loaded = load_pipeline(uri, s3_storage)
     images = np.full((1, 64, 64), 128, dtype=np.uint8)
     assert torch.equal(encode_images(pipe, images), encode_images(loaded, images))
+
+
+def test_tiny_pipeline_build_is_deterministic():
+    """The same config builds the same token ids and weights, so a rebuilt model equals a saved one."""
+    a, b = build_tiny_pipeline(ModelConfig(), seed=0), build_tiny_pipeline(ModelConfig(), seed=0)
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    assert torch.equal(encode_prompts(a, ["a chest x-ray with pleural effusion"]),
+                       encode_prompts(b, ["a chest x-ray with pleural effusion"]))

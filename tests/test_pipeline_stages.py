@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from cfgen.config import DataConfig, DecodeConfig, PhantomConfig, StorageConfig
 from cfgen.pipeline.data import DecodeStage, tensor_column, typed_table
@@ -72,9 +73,27 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     assert np.allclose(out["reconstruction_l1"], 0, atol=1e-6)
     assert np.all(np.array(out["l1_factual_counterfactual"]) > 0)  # adding a device changes pixels
     assert set(out) >= {"counterfactual_uri", "panel_uri"} and "image" not in out
+    assert out["edit_changes_truth"] == [1.0, 1.0]  # neither subject had a device
+    null_edit = {**{k: v[:1] for k, v in batch.items()}, "edit": np.array(['{"support_devices": 0}'], dtype=object)}
+    assert stage(typed_table(null_edit)).to_pydict()["edit_changes_truth"] == [0.0]
     assert (tmp_path / "gen" / "panels").exists() and len(list((tmp_path / "gen" / "images").iterdir())) == 2
 
 
 def test_edit_names_are_stable():
     assert edit_name({"support_devices": 0}) == "support_devices=0"
     assert edit_name({"b": 1, "a": 0}) == "a=0,b=1"
+
+
+def test_report_summary_scores_only_edits_that_change_the_truth():
+    from cfgen.report.html import summarize
+
+    results = pd.DataFrame({
+        "edit_name": ["a=1"] * 4,
+        "edit_changes_truth": [1.0, 1.0, 0.0, 0.0],
+        "cf_error_l1": [0.1, 0.3, 0.9, 0.9],
+        "identity_error_l1": [0.2, 0.2, 0.0, 0.0],
+    })
+    row = summarize(results).iloc[0]
+    assert (row["rows"], row["rows_changing_truth"]) == (4, 2)
+    assert row["cf_error_l1"] == pytest.approx(0.2)
+    assert row["cf_beats_identity"] == pytest.approx(0.5)

@@ -1,15 +1,17 @@
 """A CLIP tokenizer built offline for the tiny model.
 
 Real runs load SD's own CLIP tokenizer with the pipeline. For the tiny model no vocabulary can be downloaded, so we
-train a byte-level BPE on the words our prompt templates use: each such word becomes one token (prompts stay far
-below CLIP's 77-token limit) while any other text still tokenizes, byte by byte.
+learn byte-level BPE merges from the words our prompt templates use: each such word becomes one token (prompts stay
+far below CLIP's 77-token limit) while any other text still tokenizes, byte by byte. The merges are learned by a
+small deterministic loop rather than `tokenizers`' trainer, whose tie-breaking varies from run to run: the same
+config must always build the same token ids, or a saved model and a rebuilt one would disagree.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 #: Words of the prompt templates (cfgen.io.prompts) and of common radiology captions.
@@ -20,23 +22,42 @@ DOMAIN_WORDS = (
     "pacemaker left right frontal lateral view pa ap"
 ).split()
 
+_END = "</w>"
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges until every word is one symbol: the most frequent pair first, ties broken by the pair itself."""
+    corpus = [tuple(w[:-1]) + (w[-1] + _END,) for w in dict.fromkeys(words) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(pair for word in corpus for pair in zip(word, word[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = []
+        for word in corpus:
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged.append(tuple(out))
+        corpus = merged
+
 
 def build_domain_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=10_000, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    # One word per sentence, as CLIP's pre-tokenizer splits on whitespace before byte-level mapping.
-    bpe.train_from_iterator(DOMAIN_WORDS, trainer)
-    learned = json.loads(bpe.to_str())["model"]
-
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
-    for symbol in sorted(alphabet) + [s + "</w>" for s in sorted(alphabet)] + list(learned["vocab"]):
+    for symbol in alphabet + [s + _END for s in alphabet]:
         vocab.setdefault(symbol, len(vocab))
+    merges = learn_merges(DOMAIN_WORDS)  # domain words are plain ASCII: their bytes are their characters
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     # CLIP puts the special tokens at the top of the vocabulary; pipelines rely on eos being the highest id.
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    merges = [tuple(m) for m in learned["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

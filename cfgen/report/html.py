@@ -35,14 +35,17 @@ def read_results(results_uri: str, job: JobConfig) -> pd.DataFrame:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per edit: rows, mean of each metric, and how often the counterfactual beats doing nothing."""
+    """Per edit: rows, how many edits change the true attributes (phantoms), the mean of each metric over those
+    (over all rows where the truth is unknown), and how often the counterfactual beats doing nothing."""
     present = [c for c in METRIC_COLUMNS if c in results.columns]
-    grouped = results.groupby("edit_name")
-    table = grouped[present].mean()
-    table.insert(0, "rows", grouped.size())
+    effective = results.get("edit_changes_truth", pd.Series(np.nan, index=results.index))
+    scored = results[(effective == 1) | effective.isna()]
+    table = scored.groupby("edit_name")[present].mean()
+    table.insert(0, "rows", results.groupby("edit_name").size())
+    table.insert(1, "rows_changing_truth", (effective == 1).groupby(results["edit_name"]).sum())
     if {"cf_error_l1", "identity_error_l1"} <= set(results.columns):
-        beats = results["cf_error_l1"] < results["identity_error_l1"]
-        table["cf_beats_identity"] = beats.groupby(results["edit_name"]).mean()
+        beats = scored["cf_error_l1"] < scored["identity_error_l1"]
+        table["cf_beats_identity"] = beats.groupby(scored["edit_name"]).mean()
     return table.reset_index()
 
 
@@ -79,7 +82,9 @@ def write_report(
         if len(errors):
             counts = errors.assign(kind=errors["reason"].str.split(":").str[0]).groupby(["stage", "kind"]).size()
             parts.append(_table(counts.rename("rows").reset_index()))
-    parts.append("<h2>Edits</h2><p class=note>cf_error_l1: mean |counterfactual - true counterfactual| (phantoms "
+    parts.append("<h2>Edits</h2><p class=note>Means over the edits that change the phantom's true attributes "
+                 "(rows_changing_truth; a null edit such as removing a device from a patient without one is left "
+                 "out); over all rows when the truth is unknown. cf_error_l1: mean |counterfactual - true counterfactual| (phantoms "
                  "only); identity_error_l1: the same error for the unedited image, the baseline a useful edit must "
                  "beat; reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the "
                  "input. Intensities in [0,1].</p>")
