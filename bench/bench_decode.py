@@ -163,8 +163,8 @@ class PathResult:
 
 
 def run_baseline(rows: pd.DataFrame, job: JobConfig) -> PathResult:
-    """cfgen's per-image calls, one image after the other: what DecodeStage does for one row, minus prompt and
-    provenance JSON (a few microseconds)."""
+    """cfgen's per-image calls, one image after the other: what DecodeStage does for one row, minus its prompt,
+    provenance JSON and Arrow batch (small next to a read and a decode)."""
     read_s = decode_s = 0.0
     pixel_sum, digests = 0, {}
     start = time.perf_counter()
@@ -266,33 +266,37 @@ def run_ingest(job: JobConfig, output_uri: str) -> PathResult:
                       None)
 
 
-def cpu_seconds(moto_pid: int) -> dict[str, float]:
-    """CPU time (user + system) so far of this process, of the moto server and of everything Ray started.
+def cpu_seconds() -> dict[int, float]:
+    """CPU time (user + system) so far of this process, of the moto server and of every process Ray started, by pid.
 
     On 2 cores the paths compete with the storage server for the same CPUs: where the seconds go says more than
-    the wall clock alone. Ray processes that exit take their seconds with them (an undercount, not an overcount).
+    the wall clock alone.
     """
     import psutil
 
-    def used(proc: psutil.Process) -> float:
+    driver = psutil.Process()
+    used = {}
+    for proc in [driver, *driver.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             times = proc.cpu_times()
-            return times.user + times.system
-        return 0.0
-
-    driver = psutil.Process()
-    ray_procs = [p for p in driver.children(recursive=True) if p.pid != moto_pid]
-    return {"driver": used(driver), "moto": used(psutil.Process(moto_pid)), "ray": sum(map(used, ray_procs))}
+            used[proc.pid] = times.user + times.system
+    return used
 
 
 @contextlib.contextmanager
 def cpu_spent(moto_pid: int) -> Iterator[dict[str, float]]:
-    """A dict that, on exit, holds the CPU seconds each party spent inside the block, as `cpu_driver` etc."""
+    """A dict that, on exit, holds the CPU seconds spent inside the block by the driver, Ray and moto.
+
+    Counted per process: Ray ends idle workers during a run, and a worker that exits takes its seconds with it
+    (an undercount of Ray's share; summing totals instead would even go negative).
+    """
     spent: dict[str, float] = {}
-    before = cpu_seconds(moto_pid)
+    before = cpu_seconds()
     yield spent
-    after = cpu_seconds(moto_pid)
-    spent.update({f"cpu_{k}": after[k] - before[k] for k in after})
+    delta = {pid: t - before.get(pid, 0.0) for pid, t in cpu_seconds().items()}
+    driver = os.getpid()
+    spent.update(cpu_driver=delta.get(driver, 0.0), cpu_moto=delta.get(moto_pid, 0.0),
+                 cpu_ray=sum(t for pid, t in delta.items() if pid not in (driver, moto_pid)))
 
 
 # ------------------------------------------------------------------------------------------------ memory
