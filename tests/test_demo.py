@@ -28,7 +28,8 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     results = pd.read_parquet(tmp_path / "run" / "generate" / "results")
     assert len(results) == 6 * 2
     assert set(results["edit_name"]) == {"support_devices=0", "pleural_effusion=1"}
-    for column in ("cf_error_l1", "identity_error_l1", "l1_factual_counterfactual", "reconstruction_l1"):
+    for column in ("cf_error_l1", "identity_error_l1", "l1_factual_counterfactual", "reconstruction_l1",
+                   "autoencoder_l1"):
         assert results[column].between(0, 1).all(), column
     assert (results["split"] == "test").all()
     with_devices = results[(results.edit_name == "support_devices=0")]

@@ -67,10 +67,12 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
         "image": (factual * 255).round().astype(np.uint8),
         "counterfactual": (np.stack(truth) * 255).round().astype(np.uint8),
         "reconstruction": (factual * 255).round().astype(np.uint8),
+        "autoencoded": (factual * 255).round().astype(np.uint8),
     }
     out = stage(typed_table(batch)).to_pydict()
     assert np.allclose(out["cf_error_l1"], 0, atol=1e-6)
     assert np.allclose(out["reconstruction_l1"], 0, atol=1e-6)
+    assert np.allclose(out["autoencoder_l1"], 0, atol=1e-6)
     assert np.all(np.array(out["l1_factual_counterfactual"]) > 0)  # adding a device changes pixels
     assert set(out) >= {"counterfactual_uri", "panel_uri"} and "image" not in out
     assert out["edit_changes_truth"] == [1.0, 1.0]  # neither subject had a device

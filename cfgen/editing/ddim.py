@@ -75,6 +75,7 @@ class EditResult:
     counterfactuals: list[np.ndarray]  # one float32 [B,H,W] in [0,1] per edit
     reconstruction: np.ndarray | None  # the null edit (factual prompt), when asked for
     unet_evaluations: int  # per image, all edits together
+    autoencoded: np.ndarray | None = None  # decode(encode(image)): the VAE's share of any edit's error
 
 
 def ddim_counterfactuals(
@@ -85,6 +86,7 @@ def ddim_counterfactuals(
     num_inference_steps: int,
     guidance_scale: float = 1.0,
     with_reconstruction: bool = False,
+    with_autoencoded: bool = False,
 ) -> EditResult:
     """Invert each image once with its own prompt, then regenerate it with each edited prompt list.
 
@@ -107,4 +109,5 @@ def ddim_counterfactuals(
         x_rec = ddim_sample(pipe.unet, pipe.scheduler, x_t, cond_f, num_inference_steps, uncond, guidance_scale)
         recon = decode_latents(pipe, x_rec)
     n_samples = len(counterfactual_prompts) + int(with_reconstruction)
-    return EditResult(outputs, recon, (1 + n_samples) * num_inference_steps * per_pass)
+    autoencoded = decode_latents(pipe, latents) if with_autoencoded else None
+    return EditResult(outputs, recon, (1 + n_samples) * num_inference_steps * per_pass, autoencoded)

@@ -38,6 +38,7 @@ def edit_metrics(
     counterfactual: np.ndarray,
     truth: np.ndarray | None = None,
     reconstruction: np.ndarray | None = None,
+    autoencoded: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The per-row numbers the demo and the generation job report (NaN where an input is missing, so every row
     has the same columns)."""
@@ -47,4 +48,5 @@ def edit_metrics(
         "cf_error_l1": l1(counterfactual, truth) if truth is not None else nan,
         "identity_error_l1": l1(factual, truth) if truth is not None else nan,
         "reconstruction_l1": l1(factual, reconstruction) if reconstruction is not None else nan,
+        "autoencoder_l1": l1(factual, autoencoded) if autoencoded is not None else nan,
     }

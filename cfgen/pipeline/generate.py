@@ -25,7 +25,7 @@ from cfgen.pipeline.data import append_columns, tensor_column, typed_table
 from cfgen.pipeline.ingest import decoded_rows
 
 #: Arrays that travel between stages but are not written to the results table.
-_ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction")
+_ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction", "autoencoded")
 
 
 def edit_name(edit: dict[str, Any]) -> str:
@@ -73,12 +73,14 @@ class CounterfactualStage:
             edit.num_inference_steps,
             edit.guidance_scale,
             with_reconstruction=True,
+            with_autoencoded=True,
         )
         n, k = len(rows), len(edit.edits)
         out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
         added = typed_table({
             "image": np.tile(_to_uint8(as_unit_float(images)), (k, 1, 1)),
             "reconstruction": np.tile(_to_uint8(result.reconstruction), (k, 1, 1)),
+            "autoencoded": np.tile(_to_uint8(result.autoencoded), (k, 1, 1)),
             "counterfactual": np.concatenate([_to_uint8(c) for c in result.counterfactuals]),
             "edit": [json.dumps(e, sort_keys=True) for e in edit.edits for _ in range(n)],
             "edit_name": [edit_name(e) for e in edit.edits for _ in range(n)],
@@ -135,13 +137,13 @@ class MeasureStage:
         return float(edited.attributes() != subject.attributes())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        factual, cfs, recons = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
+        factual, cfs, recons, autoencoded = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
         meta = batch.drop_columns(list(_ARRAY_COLUMNS))
         metrics, cf_uris, panel_uris = [], [], []
         rows = meta.to_pylist()
         for i, row in enumerate(rows):
             truth = self.true_counterfactual(row)
-            metrics.append(edit_metrics(factual[i], cfs[i], truth, recons[i]))
+            metrics.append(edit_metrics(factual[i], cfs[i], truth, recons[i], autoencoded[i]))
             stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
             cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
             panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))

@@ -17,7 +17,9 @@ import pandas as pd
 from cfgen.config import JobConfig
 from cfgen.io.storage import join_uri, pyarrow_filesystem, read_bytes, write_bytes
 
-METRIC_COLUMNS = ("cf_error_l1", "identity_error_l1", "l1_factual_counterfactual", "reconstruction_l1")
+METRIC_COLUMNS = (
+    "cf_error_l1", "identity_error_l1", "l1_factual_counterfactual", "reconstruction_l1", "autoencoder_l1",
+)
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -82,12 +84,15 @@ def write_report(
         if len(errors):
             counts = errors.assign(kind=errors["reason"].str.split(":").str[0]).groupby(["stage", "kind"]).size()
             parts.append(_table(counts.rename("rows").reset_index()))
-    parts.append("<h2>Edits</h2><p class=note>Means over the edits that change the phantom's true attributes "
-                 "(rows_changing_truth; a null edit such as removing a device from a patient without one is left "
-                 "out); over all rows when the truth is unknown. cf_error_l1: mean |counterfactual - true counterfactual| (phantoms "
-                 "only); identity_error_l1: the same error for the unedited image, the baseline a useful edit must "
-                 "beat; reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the "
-                 "input. Intensities in [0,1].</p>")
+    parts.append(
+        "<h2>Edits</h2><p class=note>Means over the edits that change the phantom's true attributes "
+        "(rows_changing_truth: a null edit, such as removing a device from a patient without one, is left out); "
+        "over all rows when the truth is unknown. cf_error_l1: mean |counterfactual - true counterfactual| "
+        "(phantoms only); identity_error_l1: the same error for the unedited image, the baseline a useful edit must "
+        "beat; reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the input; "
+        "autoencoder_l1: the VAE alone, decode(encode(image)), a floor under every other error. Intensities in "
+        "[0,1].</p>"
+    )
     parts.append(_table(summary) if len(summary) else "<p>No rows were generated.</p>")
     parts.append("<h2>Examples</h2><p class=note>factual | counterfactual | true counterfactual (grey when "
                  "unknown) | difference (grey = no change, bright = brighter)</p>")
