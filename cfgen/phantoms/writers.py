@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +36,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from cfgen.config import PhantomConfig, StorageConfig
+from cfgen.io.storage import fsspec_filesystem
 from cfgen.phantoms.render import render
 from cfgen.phantoms.scm import PhantomSCM, Subject
 
@@ -72,32 +72,8 @@ _EXTENSIONS = {"dicom": "dcm", "png": "png"}
 
 
 # --------------------------------------------------------------------------------------------------------- storage
-def _storage_options(storage: StorageConfig | None) -> dict[str, Any]:
-    """s3fs options from a StorageConfig (to be replaced by cfgen.io.storage's public equivalent)."""
-    if storage is None:
-        return {}
-    options: dict[str, Any] = {"anon": storage.anon}
-    for name, secret in (
-        ("key", storage.aws_access_key_id),
-        ("secret", storage.aws_secret_access_key),
-        ("token", storage.aws_session_token),
-    ):
-        if secret is not None:
-            options[name] = secret.get_secret_value()
-    client_kwargs = {}
-    if storage.endpoint_url:
-        client_kwargs["endpoint_url"] = storage.endpoint_url
-    if storage.region:
-        client_kwargs["region_name"] = storage.region
-    if client_kwargs:
-        options["client_kwargs"] = client_kwargs
-    return options
-
-
 def _filesystem(out_uri: str, storage: StorageConfig | None):
-    protocol = fsspec.utils.get_protocol(out_uri)
-    options = _storage_options(storage) if protocol in ("s3", "s3a") else {}
-    fs, root = fsspec.core.url_to_fs(out_uri, **options)
+    fs, root = fsspec_filesystem(out_uri, storage)
     return fs, root.rstrip("/")
 
 
