@@ -64,3 +64,14 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     # rerunning the demo on the same output resumes: nothing is regenerated
     again = run_demo(job)
     assert again["counterfactual rows"] == 0
+
+    # `cfgen generate` on the registered model, by alias, into another output
+    from cfgen.pipeline.workflows import run_generate
+
+    other = job.model_copy(deep=True, update={"output_uri": str(tmp_path / "gen2")})
+    other.edit.limit = 2
+    other.data.manifest_uri = str(tmp_path / "run" / "phantoms" / "manifest.parquet")
+    generated = run_generate(other, "models:/cfgen-sd@champion", str(tmp_path / "run" / "ingest" / "decoded"))
+    assert generated.rows_written == 2 * 2
+    rows = pd.read_parquet(generated.results_uri)
+    assert rows["model_uri"].str.contains("registry").all() and rows["cf_error_l1"].notna().all()

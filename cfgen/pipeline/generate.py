@@ -216,7 +216,9 @@ def generate(
         ds = ds.limit(edit.limit)
     done = _done_image_ids(results_uri, job, len(edit.edits))
     if done:
-        ds = ds.filter(lambda row: row["image_id"] not in done)
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("image_id").not_in(sorted(done)))
 
     cf = ds.map_batches(
         CounterfactualStage,
