@@ -97,6 +97,10 @@ class DataConfig(_Section):
     labeler: Literal["chexpert", "negbio"] = Field("chexpert", description="which MIMIC-CXR label table to use")
     view_positions: list[str] | None = None
     splits: list[str] | None = None
+    split_fractions: dict[str, float] | None = Field(
+        None, description="assign splits per patient (hash of patient_id) to rows the manifest leaves unsplit"
+    )
+    split_seed: int = 0
     limit: int | None = Field(None, ge=1)
     decode: DecodeConfig = DecodeConfig()
     prompt: PromptConfig = PromptConfig()

@@ -99,3 +99,25 @@ def test_report_summary_scores_only_edits_that_change_the_truth():
     assert (row["rows"], row["rows_changing_truth"]) == (4, 2)
     assert row["cf_error_l1"] == pytest.approx(0.2)
     assert row["cf_beats_identity"] == pytest.approx(0.5)
+
+
+def test_load_manifest_assigns_patient_level_splits(tmp_path):
+    from cfgen.config import JobConfig
+    from cfgen.io.splits import assert_no_patient_leak
+    from cfgen.pipeline.data import load_manifest
+
+    rows = pd.DataFrame({
+        "image_id": [f"img{i}" for i in range(300)],
+        "image_uri": [f"/data/img{i}.png" for i in range(300)],
+        "patient_id": [f"p{i // 3}" for i in range(300)],  # three images per patient
+        "split": ["test"] * 3 + [""] * 297,  # one patient already has an official split
+    })
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    job = JobConfig.model_validate({"data": {"manifest_uri": str(tmp_path / "m.csv"),
+                                             "split_fractions": {"train": 0.7, "test": 0.3}}})
+    ok, errors, n = load_manifest(job)
+    assert (len(ok), len(errors), n) == (300, 0, 300)
+    assert set(ok["split"]) == {"train", "test"}
+    assert (ok.loc[ok.patient_id == "p0", "split"] == "test").all()
+    assert_no_patient_leak(ok)
+    assert 0.55 < (ok["split"] == "train").mean() < 0.85

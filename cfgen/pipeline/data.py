@@ -20,6 +20,7 @@ from cfgen.io.decode import DecodeError
 from cfgen.io.manifest import MANIFEST_SCHEMA, filter_manifest, manifest_to_arrow, normalize_manifest, read_manifest
 from cfgen.io.preprocess import decode_and_preprocess
 from cfgen.io.prompts import build_prompt
+from cfgen.io.splits import patient_split
 from cfgen.io.storage import read_bytes, redact
 
 #: Columns of every decoded row besides the manifest's own.
@@ -72,6 +73,9 @@ def load_manifest(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     raw = read_manifest(data.manifest_uri, job.storage, fmt=data.manifest_format, image_root=data.image_root,
                         **layout)
     ok, errors = normalize_manifest(raw)
+    if data.split_fractions:
+        # per patient, so no patient has images in two splits; official splits (MIMIC's, CheXpert's) are kept
+        ok = patient_split(ok, data.split_fractions, seed=data.split_seed, keep_existing=True)
     ok = filter_manifest(ok, data.view_positions, data.splits, data.limit)
     return ok, errors, len(raw)
 
