@@ -705,3 +705,15 @@ def test_decoded_image_is_a_plain_record():
     decoded = decode_image(png_bytes(Image.fromarray(np.zeros((3, 5), np.uint8))))
     assert isinstance(decoded, DecodedImage)
     assert decoded.pixels.shape == (3, 5) and decoded.provenance["original_shape"] == (3, 5)
+
+
+def test_padding_pixels_do_not_set_the_min_max_stretch():
+    """A collimator border stored as PixelPaddingValue (here 0) must not become the image's black point."""
+    stored = np.full((8, 8), 0, dtype=np.uint16)
+    stored[2:6, 2:6] = np.arange(1000, 1016, dtype=np.uint16).reshape(4, 4)
+    decoded = decode_dicom(to_bytes(make_dataset(stored, bits_stored=12, PixelPaddingValue=0)))
+    inside = decoded.pixels[2:6, 2:6]
+    assert inside.min() == 0.0 and inside.max() == 1.0  # stretched over 1000..1015, not 0..1015
+    assert decoded.provenance["padding_pixels"] == 64 - 16
+    plain = decode_dicom(to_bytes(make_dataset(stored, bits_stored=12)))
+    assert plain.pixels[2:6, 2:6].min() > 0.98  # without the tag, the border is the black point

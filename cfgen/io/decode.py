@@ -135,6 +135,7 @@ def new_provenance(fmt: str) -> dict[str, Any]:
         "view_position": None,
         "sop_instance_uid": None,
         "exif_orientation": None,
+        "padding_pixels": 0,  # pixels equal to PixelPaddingValue (left out of a min/max stretch)
         "assumed": [],  # attributes that were missing or invalid and replaced by their default
         "warnings": [],  # what the readers complained about, deduplicated
     }
@@ -399,7 +400,7 @@ def _present(stored: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> n
         prov["warnings"].append(f"{photometric} with one sample per pixel read as MONOCHROME2")
 
     values = _modality_lut(stored, ds, prov)
-    presented, has_contrast = _voi_lut(values, ds, prov, apply_voi)
+    presented, has_contrast = _voi_lut(values, ds, prov, apply_voi, _padding_mask(stored, ds, prov))
     if photometric == "MONOCHROME1" and has_contrast:
         presented = np.subtract(1.0, presented, out=presented)
         prov["inverted"] = True
@@ -437,8 +438,23 @@ def _modality_lut(stored: np.ndarray, ds, prov: dict[str, Any]) -> np.ndarray:
     return values
 
 
-def _voi_lut(values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> tuple[np.ndarray, bool]:
-    """Map modality values to [0, 1] by the file's VOI LUT Sequence or window, else by min/max."""
+def _padding_mask(stored: np.ndarray, ds, prov: dict[str, Any]) -> np.ndarray | None:
+    """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit), in stored values (PS3.3
+    C.7.5.1.1.2). Collimator borders filled this way would otherwise set the min/max of an image without a window."""
+    low, high = _int(ds.get("PixelPaddingValue")), _int(ds.get("PixelPaddingRangeLimit"))
+    if low is None:
+        return None
+    high = low if high is None else high
+    mask = (stored >= min(low, high)) & (stored <= max(low, high))
+    prov["padding_pixels"] = int(mask.sum())
+    return mask if prov["padding_pixels"] else None
+
+
+def _voi_lut(
+    values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool, padding: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
+    """Map modality values to [0, 1] by the file's VOI LUT Sequence or window, else by the min/max of the pixels
+    that are not padding."""
     if apply_voi:
         sequence = ds.get("VOILUTSequence")
         if sequence and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]:
@@ -466,7 +482,8 @@ def _voi_lut(values: np.ndarray, ds, prov: dict[str, Any], apply_voi: bool) -> t
                 return presented, True
 
     prov["voi"] = "minmax"
-    finite = values if np.isfinite(values).all() else values[np.isfinite(values)]
+    keep = np.isfinite(values) if padding is None else np.isfinite(values) & ~padding
+    finite = values if keep.all() else values[keep]
     if finite.size == 0:
         return np.zeros(values.shape, np.float32), False
     return _stretch(values, float(finite.min()), float(finite.max()))
