@@ -266,3 +266,17 @@ def test_missing_layout_is_a_clear_error(tmp_path):
         adapters.load_manifest_from_layout(str(tmp_path), fmt="mimic")
     with pytest.raises(FileNotFoundError, match="train.csv"):
         adapters.load_manifest_from_layout(str(tmp_path), fmt="chexpert")
+
+
+def test_mimic_dicom_release_with_only_the_record_list(tmp_path):
+    """MIMIC-CXR (DICOM) ships cxr-record-list.csv.gz, not the JPG release's metadata table."""
+    _gz(tmp_path / "cxr-record-list.csv.gz",
+        "subject_id,study_id,dicom_id,path\n"
+        "10000032,50414267,02aa804e-bde0afdd-112c0b34-7bc16630-4e384014,"
+        "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.dcm\n")
+    _gz(tmp_path / "mimic-cxr-2.0.0-chexpert.csv.gz", MIMIC_CHEXPERT)
+    m = adapters.load_manifest_from_layout(str(tmp_path), fmt="mimic")
+    assert m.loc[0, "image_uri"] == str(
+        tmp_path / "files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.dcm")
+    assert m.loc[0, "no_finding"] == 1.0 and pd.isna(m.loc[0, "view_position"])
+    assert "path" not in m.columns

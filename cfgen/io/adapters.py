@@ -293,7 +293,7 @@ def mimic_to_manifest(
         else:
             out[finding] = np.nan
     mapped = {"dicom_id", "subject_id", "study_id", "ViewPosition", "row_id", "_split", "_gender", "_anchor_age",
-              "_anchor_year", *FINDINGS}
+              "_anchor_year", "path", *FINDINGS}
     for extra in (c for c in metadata_df.columns if c not in mapped):
         out[extra] = meta[extra]
     return out
@@ -355,7 +355,14 @@ def load_manifest_from_layout(
         raise ValueError(f"labeler {labeler!r}: MIMIC-CXR ships 'chexpert' and 'negbio' labels")
     metadata_uri = _find(root, [_MIMIC_PREFIX + "metadata"], storage)
     if metadata_uri is None:
-        raise FileNotFoundError(f"{root}: no {_MIMIC_PREFIX}metadata.csv(.gz) found")
+        # The DICOM release (MIMIC-CXR) ships cxr-record-list (subject_id, study_id, dicom_id, path) instead of
+        # the JPG release's metadata table; without it there is no ViewPosition, which each DICOM still carries.
+        metadata_uri = _find(root, ["cxr-record-list"], storage)
+        if metadata_uri is not None:
+            ext = ext or ".dcm"
+            logger.info("%s: no %smetadata table, using cxr-record-list (no view positions)", root, _MIMIC_PREFIX)
+    if metadata_uri is None:
+        raise FileNotFoundError(f"{root}: no {_MIMIC_PREFIX}metadata.csv(.gz) or cxr-record-list.csv(.gz) found")
     labels_uri = _find(root, [_MIMIC_PREFIX + labeler], storage)
     split_uri_ = _find(root, [_MIMIC_PREFIX + "split"], storage)
     patients_uri = patients_uri or _find(root, ["patients"], storage)
