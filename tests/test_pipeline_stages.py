@@ -73,6 +73,7 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     assert np.allclose(out["cf_error_l1"], 0, atol=1e-6)
     assert np.allclose(out["reconstruction_l1"], 0, atol=1e-6)
     assert np.allclose(out["autoencoder_l1"], 0, atol=1e-6)
+    assert np.allclose(out["effect_ratio"], 1.0)  # the counterfactual is the truth
     assert np.all(np.array(out["l1_factual_counterfactual"]) > 0)  # adding a device changes pixels
     assert set(out) >= {"counterfactual_uri", "panel_uri"} and "image" not in out
     assert out["edit_changes_truth"] == [1.0, 1.0]  # neither subject had a device
@@ -121,3 +122,15 @@ def test_load_manifest_assigns_patient_level_splits(tmp_path):
     assert (ok.loc[ok.patient_id == "p0", "split"] == "test").all()
     assert_no_patient_leak(ok)
     assert 0.55 < (ok["split"] == "train").mean() < 0.85
+
+
+def test_effect_ratio_measures_how_much_of_the_true_change_an_edit_makes():
+    from cfgen.metrics.image import effect_ratio
+
+    factual = np.zeros((8, 8), np.float32)
+    truth = factual.copy()
+    truth[:2, :2] = 0.8
+    assert effect_ratio(factual, truth, truth) == pytest.approx(1.0)
+    assert effect_ratio(factual, factual, truth) == pytest.approx(0.0)
+    assert effect_ratio(factual, truth / 2, truth) == pytest.approx(0.5)
+    assert np.isnan(effect_ratio(factual, truth, factual))  # a null edit has no true effect to reach

@@ -33,6 +33,16 @@ def difference_map(factual: np.ndarray, counterfactual: np.ndarray) -> np.ndarra
     return as_unit_float(counterfactual) - as_unit_float(factual)
 
 
+def effect_ratio(factual: np.ndarray, counterfactual: np.ndarray, truth: np.ndarray, threshold: float = 0.05) -> float:
+    """How much of the true change the edit made where the truth changes (> `threshold`): 1 is the true effect,
+    0 no effect, negative the wrong direction. NaN for a null edit (the truth does not change)."""
+    f, c, t = as_unit_float(factual), as_unit_float(counterfactual), as_unit_float(truth)
+    region = np.abs(t - f) > threshold
+    if not region.any():
+        return float("nan")
+    return float((c - f)[region].mean() / (t - f)[region].mean())
+
+
 def edit_metrics(
     factual: np.ndarray,
     counterfactual: np.ndarray,
@@ -47,6 +57,7 @@ def edit_metrics(
         "l1_factual_counterfactual": l1(factual, counterfactual),
         "cf_error_l1": l1(counterfactual, truth) if truth is not None else nan,
         "identity_error_l1": l1(factual, truth) if truth is not None else nan,
+        "effect_ratio": effect_ratio(factual, counterfactual, truth) if truth is not None else nan,
         "reconstruction_l1": l1(factual, reconstruction) if reconstruction is not None else nan,
         "autoencoder_l1": l1(factual, autoencoded) if autoencoded is not None else nan,
     }

@@ -18,7 +18,8 @@ from cfgen.config import JobConfig
 from cfgen.io.storage import join_uri, pyarrow_filesystem, read_bytes, write_bytes
 
 METRIC_COLUMNS = (
-    "cf_error_l1", "identity_error_l1", "l1_factual_counterfactual", "reconstruction_l1", "autoencoder_l1",
+    "cf_error_l1", "identity_error_l1", "effect_ratio", "l1_factual_counterfactual", "reconstruction_l1",
+    "autoencoder_l1",
 )
 
 _STYLE = """
@@ -89,7 +90,8 @@ def write_report(
         "(rows_changing_truth: a null edit, such as removing a device from a patient without one, is left out); "
         "over all rows when the truth is unknown. cf_error_l1: mean |counterfactual - true counterfactual| "
         "(phantoms only); identity_error_l1: the same error for the unedited image, the baseline a useful edit must "
-        "beat; reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the input; "
+        "beat; effect_ratio: the edit's mean change where the truth changes, over the true change (1 = the true "
+        "effect, 0 = none); reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the input; "
         "autoencoder_l1: the VAE alone, decode(encode(image)), a floor under every other error. Intensities in "
         "[0,1].</p>"
     )
