@@ -23,9 +23,6 @@ from cfgen.io.prompts import build_prompt
 from cfgen.io.splits import patient_split
 from cfgen.io.storage import read_bytes, redact
 
-#: Columns of every decoded row besides the manifest's own.
-DECODED_COLUMNS = ("image", "prompt", "status", "error_stage", "error_reason", "provenance")
-
 #: Text columns cfgen's stages add. Typed explicitly: a batch in which every value is missing must still write
 #: `string`, not Arrow's `null` type, or Parquet files of one data set would disagree on their schema.
 TEXT_COLUMNS = (
