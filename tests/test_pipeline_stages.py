@@ -58,8 +58,8 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     stage = MeasureStage(str(tmp_path / "gen"), StorageConfig(), DecodeConfig(size=64), phantoms=cfg)
     edit = {"support_devices": 1}
     base = {k: rows[k].to_numpy() for k in ("image_id", "phantom_index")}
-    truth = [stage.true_counterfactual({"phantom_index": i, "edit": json.dumps(edit)}) for i in base["phantom_index"]]
-    factual = np.stack([stage.true_counterfactual({"phantom_index": i, "edit": "{}"}) for i in base["phantom_index"]])
+    truth = [stage.truth({"phantom_index": i, "edit": json.dumps(edit)})[0] for i in base["phantom_index"]]
+    factual = np.stack([stage.truth({"phantom_index": i, "edit": "{}"})[0] for i in base["phantom_index"]])
     batch = {
         **base,
         "edit": np.array([json.dumps(edit)] * 2, dtype=object),

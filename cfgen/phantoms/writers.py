@@ -354,7 +354,16 @@ def write_phantoms(
 ) -> dict[str, Any]:
     """Render subjects start..start+config.n-1 with images, masks, manifest and the config to `out_uri`."""
     rows = write_phantom_shard(config, out_uri, start, start + config.n, storage)
+    manifest = finish_phantoms(config, rows, out_uri, storage)
+    return {"out_uri": out_uri, "n_subjects": config.n, "n_images": len(rows), "start": start, **manifest}
+
+
+def finish_phantoms(
+    config: PhantomConfig, rows: Iterable[dict[str, Any]], out_uri: str, storage: StorageConfig | None = None
+) -> dict[str, str]:
+    """After the shards: the manifest, and the config that re-renders every true counterfactual later (the seed
+    alone is not enough: effects and prevalences shape the images)."""
     manifest = write_manifest(rows, out_uri, storage)
     fs, root = _filesystem(out_uri, storage)
     fs.pipe_file(f"{root}/phantom_config.json", (config.model_dump_json(indent=2) + "\n").encode())
-    return {"out_uri": out_uri, "n_subjects": config.n, "n_images": len(rows), "start": start, **manifest}
+    return manifest

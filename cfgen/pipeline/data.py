@@ -77,7 +77,9 @@ def load_manifest(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     return ok, errors, len(raw)
 
 
-def _decode_one(uri: str, data: DataConfig, storage: StorageConfig) -> tuple[np.ndarray | None, str, str, dict]:
+def _decode_one(
+    uri: str, data: DataConfig, storage: StorageConfig
+) -> tuple[np.ndarray | None, str | None, str | None, dict]:
     """(image or None, error stage, error reason, provenance) for one image URI."""
     try:
         payload = read_bytes(uri, storage)
@@ -91,7 +93,7 @@ def _decode_one(uri: str, data: DataConfig, storage: StorageConfig) -> tuple[np.
         return None, "decode", str(err), {}  # "reason: message"
     except Exception as err:  # noqa: BLE001 - a decoder crash on a bad file must not end the job
         return None, "decode", f"decode_failed: {type(err).__name__}: {err}", {}
-    return image, "", "", provenance
+    return image, None, None, provenance
 
 
 class DecodeStage:
@@ -116,8 +118,8 @@ class DecodeStage:
             "image": images,
             "prompt": [build_prompt(r, self.data.prompt) for r in rows],
             "status": ["ok" if image is not None else "error" for image, *_ in results],
-            "error_stage": [stage or None for _, stage, _, _ in results],
-            "error_reason": [reason or None for _, _, reason, _ in results],
+            "error_stage": [stage for _, stage, _, _ in results],
+            "error_reason": [reason for _, _, reason, _ in results],
             "provenance": [json.dumps(prov, default=str) for *_, prov in results],
         })
         return append_columns(table, added)

@@ -110,39 +110,28 @@ class MeasureStage:
 
             self.scm = PhantomSCM(phantoms)
 
-    def _subject(self, row: dict[str, Any]):
+    def truth(self, row: dict[str, Any]) -> tuple[np.ndarray | None, float]:
+        """The phantom's true counterfactual (preprocessed exactly like a decoded image) and whether the edit
+        changes its true attributes (1.0; 0.0 for a null edit such as removing a device from a patient without
+        one). (None, NaN) when the row is no phantom. Metadata can be missing; the SCM's truth is not."""
         index = row.get("phantom_index")
         if self.scm is None or index is None or (isinstance(index, float) and np.isnan(index)):
-            return None
-        return self.scm.subject(int(index))
-
-    def true_counterfactual(self, row: dict[str, Any]) -> np.ndarray | None:
-        """Render the phantom's true counterfactual, preprocessed exactly like a decoded image."""
-        subject = self._subject(row)
-        if subject is None:
-            return None
+            return None, float("nan")
         from cfgen.io.preprocess import quantize, to_fixed_size
 
-        image, _ = self.scm.render_counterfactual(subject, json.loads(row["edit"]))
-        fixed = to_fixed_size(image, self.decode.size, self.decode.resize_mode)
-        return as_unit_float(quantize(fixed, "uint8"))
-
-    def changes_attributes(self, row: dict[str, Any]) -> float:
-        """1.0 when the edit changes the phantom's true attributes, 0.0 for a null edit (e.g. removing a device
-        from a patient without one), NaN when the truth is unknown. Metadata can be missing; the SCM is not."""
-        subject = self._subject(row)
-        if subject is None:
-            return float("nan")
+        subject = self.scm.subject(int(index))
         edited = self.scm.intervene(subject, json.loads(row["edit"]))
-        return float(edited.attributes() != subject.attributes())
+        image, _ = self.scm.render(edited)
+        fixed = to_fixed_size(image, self.decode.size, self.decode.resize_mode)
+        return as_unit_float(quantize(fixed, "uint8")), float(edited.attributes() != subject.attributes())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         factual, cfs, recons, autoencoded = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
         meta = batch.drop_columns(list(_ARRAY_COLUMNS))
-        metrics, cf_uris, panel_uris = [], [], []
-        rows = meta.to_pylist()
-        for i, row in enumerate(rows):
-            truth = self.true_counterfactual(row)
+        metrics, cf_uris, panel_uris, changes = [], [], [], []
+        for i, row in enumerate(meta.to_pylist()):
+            truth, changes_truth = self.truth(row)
+            changes.append(changes_truth)
             metrics.append(edit_metrics(factual[i], cfs[i], truth, recons[i], autoencoded[i]))
             stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
             cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
@@ -150,7 +139,7 @@ class MeasureStage:
             write_bytes(cf_uris[-1], png_bytes(cfs[i]), self.storage)
             write_bytes(panel_uris[-1], png_bytes(panel(factual[i], cfs[i], truth)), self.storage)
         added: dict[str, Any] = {"counterfactual_uri": cf_uris, "panel_uri": panel_uris,
-                                 "edit_changes_truth": np.array([self.changes_attributes(r) for r in rows])}
+                                 "edit_changes_truth": np.array(changes, dtype=np.float64)}
         for name in metrics[0]:
             added[name] = np.array([m[name] for m in metrics], dtype=np.float64)
         return append_columns(meta, typed_table(added))

@@ -27,7 +27,7 @@ def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 5
     """Render `job.phantoms` to `out_uri`, sharded over Ray tasks (streamed: one shard in memory per task)."""
     import ray
 
-    from cfgen.phantoms.writers import write_manifest, write_phantom_shard
+    from cfgen.phantoms.writers import finish_phantoms, write_phantom_shard
 
     out = out_uri or phantoms_uri(job)
     cfg = job.phantoms
@@ -39,8 +39,7 @@ def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 5
     shard = ray.remote(num_cpus=0.5)(write_phantom_shard)
     refs = [shard.remote(cfg, out, s, min(cfg.n, s + shard_size), job.storage) for s in range(0, cfg.n, shard_size)]
     rows = [row for part in ray.get(refs) for row in part]
-    paths = write_manifest(rows, out, job.storage)
-    write_bytes(config_uri, (cfg.model_dump_json(indent=2) + "\n").encode(), job.storage)
+    paths = finish_phantoms(cfg, rows, out, job.storage)
     return {"out_uri": out, "n_images": len(rows), "reused": False, **paths}
 
 
