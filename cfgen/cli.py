@@ -2,6 +2,7 @@
 
     cfgen demo --config configs/demo.yaml
     cfgen phantoms --n 1000 --out s3://bucket/phantoms --size 128 --seed 1
+    cfgen classify --config configs/demo.yaml
     cfgen generate --config configs/demo.yaml model.pretrained=models:/cfgen-sd@champion
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from cfgen.config import JobConfig, load_config
 
-COMMANDS = ("demo", "phantoms", "ingest", "train", "generate")
+COMMANDS = ("demo", "phantoms", "ingest", "train", "classify", "generate")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, JobConfig]:
@@ -58,6 +59,10 @@ def run(command: str, job: JobConfig) -> dict[str, Any]:
         return vars(workflows.run_ingest(job))
     if command == "train":
         return workflows.run_train(job)
+    if command == "classify":
+        from cfgen.pipeline.classify import run_classify
+
+        return run_classify(job)
     if command == "generate":
         return vars(workflows.run_generate(job))
     raise ValueError(f"unknown command {command!r}; one of {COMMANDS}")

@@ -193,6 +193,75 @@ class EditConfig(_Section):
     limit: int | None = Field(None, ge=1, description="edit only the first N images")
 
 
+class ClassifierTrainConfig(_Section):
+    """How the attribute classifier is trained (Ray Train, DDP: gloo on CPU, NCCL on GPU)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=2, description="per worker")
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    augment: bool = Field(True, description="small shifts, rotations and zooms; never flips or intensity changes")
+    max_pos_weight: float = Field(10.0, ge=1, description="cap on the rare-class weight n_neg / n_pos")
+    run_name: str = "cfgen-classifier"
+
+
+class ClassifierConfig(_Section):
+    """The attribute classifier: the instrument every effectiveness, minimality and realism figure is read off.
+
+    Binary attributes (findings, smoking, sex as P(male)) get one calibrated logit each; age is a regression head
+    in years. The backbone's pooled features feed realism (Frechet distance) and minimality (feature distance)."""
+
+    attributes: list[str] = Field(
+        ["support_devices", "pleural_effusion", "cardiomegaly", "smoking", "sex", "age"],
+        description="heads, one per attribute: any of sex, age, smoking and the 14 CheXpert findings",
+    )
+    architecture: Literal["densenet", "densenet121"] = Field(
+        "densenet", description="MONAI DenseNet built from the sizes below, or MONAI's DenseNet121 (GPU-sized)"
+    )
+    init_features: int = Field(16, ge=4)
+    growth_rate: int = Field(12, ge=4)
+    block_config: list[int] = [3, 6, 6]
+    dropout: float = Field(0.0, ge=0, lt=1)
+    image_size: int = Field(64, ge=32, le=1024, description="images are resized to this before the network")
+    uncertain: Literal["mask", "positive", "negative"] | None = Field(
+        None, description="CheXpert -1 labels; None follows data.prompt.uncertain (omit/uncertain -> mask)"
+    )
+    pretrained: str | None = Field(
+        None, description="a trained classifier: local folder, s3:// folder or models:/name@alias; None trains one"
+    )
+    registered_model: str = "cfgen-classifier"
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUROC 95% CI")
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
+
+    @field_validator("attributes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from cfgen.io.prompts import KNOWN_ATTRIBUTES
+
+        unknown = [a for a in v if a not in KNOWN_ATTRIBUTES]
+        if unknown or not v or len(set(v)) != len(v):
+            raise ValueError(f"classifier.attributes {v}: give distinct names from {list(KNOWN_ATTRIBUTES)}")
+        return v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        return _absolute(v) if v and Path(v.removeprefix("file://")).exists() else v
+
+
+class MetricsConfig(_Section):
+    """The per-edit metric stage of generation (classifier-based effectiveness, preservation, minimality)."""
+
+    enabled: bool = Field(True, description="score every counterfactual with the classifier")
+    reversibility: bool = Field(False, description="also edit back (invert the counterfactual, regenerate the "
+                                                   "factual prompt): one more inversion and sample per edit")
+    cpus_per_actor: float = Field(0.25, gt=0)
+
+
 class TrackingConfig(_Section):
     tracking_uri: str = Field("sqlite:///runs/mlflow.db", description="sqlite:/// or http:// MLflow server")
     experiment: str = "cfgen"
@@ -224,6 +293,8 @@ class JobConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     edit: EditConfig = EditConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

@@ -6,10 +6,7 @@ A pipeline is always a complete diffusers folder (`model_index.json`, `unet/`, `
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from cfgen.config import ModelConfig, StorageConfig
+from cfgen.models.cache import local_copy, put_folder
 from cfgen.models.tokenizer import build_domain_tokenizer
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -97,26 +95,6 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _local_copy(uri: str, storage: StorageConfig | None) -> str:
-    """Object-store pipelines are copied once to a local cache keyed by URI (diffusers reads local folders)."""
-    from cfgen.io.storage import fsspec_filesystem
-
-    fs, path = fsspec_filesystem(uri, storage or StorageConfig())
-    cache_root = Path(os.environ.get("CFGEN_CACHE", Path(tempfile.gettempdir()) / "cfgen-cache"))
-    target = cache_root / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    marker = target / ".complete"
-    if not marker.exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_root))
-        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(target)
-        marker.touch()
-    return str(target)
-
-
 def load_pipeline(
     uri: str,
     storage: StorageConfig | None = None,
@@ -128,7 +106,7 @@ def load_pipeline(
     Hub ids only resolve where a hub is reachable (HF_HUB_OFFLINE=1 makes them fail fast, with a clear error).
     """
     if "://" in uri and not uri.startswith("file://"):
-        local = _local_copy(uri, storage)
+        local = local_copy(uri, storage)
     else:
         local = uri.removeprefix("file://")
     is_local = Path(local).exists()
@@ -153,13 +131,9 @@ def load_pipeline(
 def save_pipeline(pipe: StableDiffusionPipeline, uri: str, storage: StorageConfig | None = None) -> str:
     """Save as a diffusers folder, locally or to object storage."""
     if "://" in uri and not uri.startswith("file://"):
-        from cfgen.io.storage import fsspec_filesystem
-
-        fs, path = fsspec_filesystem(uri, storage or StorageConfig())
         with tempfile.TemporaryDirectory() as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
-            fs.put(tmp.rstrip("/") + "/", path.rstrip("/"), recursive=True)
-        return uri
+            return put_folder(tmp, uri, storage)
     local = uri.removeprefix("file://")
     pipe.save_pretrained(local, safe_serialization=True)
     return local

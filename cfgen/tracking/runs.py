@@ -79,20 +79,20 @@ def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> 
     _mlflow(tracking).tracking.MlflowClient().set_terminated(run_id, status)
 
 
-def register_model(tracking: TrackingConfig, run_id: str, artifact_path: str) -> int:
-    """Register the logged pipeline folder as a model version and point the alias at it."""
+def register_model(tracking: TrackingConfig, run_id: str, artifact_path: str, name: str | None = None) -> int:
+    """Register the logged model folder as a version of `name` (the SD pipeline's registered name by default) and
+    point the alias at it."""
     mlflow = _mlflow(tracking)
     client = mlflow.tracking.MlflowClient()
+    name = name or tracking.registered_model
     try:
-        client.create_registered_model(tracking.registered_model)
+        client.create_registered_model(name)
     except mlflow.exceptions.MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     run = client.get_run(run_id)
-    version = client.create_model_version(
-        tracking.registered_model, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id
-    )
-    client.set_registered_model_alias(tracking.registered_model, tracking.alias, version.version)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    client.set_registered_model_alias(name, tracking.alias, version.version)
     return int(version.version)
 
 
@@ -131,8 +131,10 @@ class StepLogger:
             pass
 
 
-def download_model(tracking: TrackingConfig, model_uri: str, dst: str | None = None) -> str:
-    """Resolve `models:/name@alias` (or `models:/name/version`) to a local diffusers folder."""
+def download_model(tracking: TrackingConfig, model_uri: str, dst: str | None = None,
+                   marker: str = "model_index.json") -> str:
+    """Resolve `models:/name@alias` (or `models:/name/version`) to a local model folder (one holding `marker`:
+    a diffusers pipeline by default)."""
     import hashlib
     import tempfile
 
@@ -147,7 +149,7 @@ def download_model(tracking: TrackingConfig, model_uri: str, dst: str | None = N
     key = hashlib.sha256(f"{tracking.tracking_uri}|{name}|{version.version}".encode()).hexdigest()[:16]
     target = Path(dst or Path(tempfile.gettempdir()) / "cfgen-cache" / "registry" / key)
     folder = target / version.source.rstrip("/").rsplit("/", 1)[-1]
-    if not (folder / "model_index.json").exists():
+    if not (folder / marker).exists():
         target.mkdir(parents=True, exist_ok=True)
         return mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(target))
     return str(folder)

@@ -22,7 +22,8 @@ class FineTuneResult:
     checkpoint_path: str
 
 
-def _storage_path(job: JobConfig) -> tuple[str, Any]:
+def storage_path_for(job: JobConfig) -> tuple[str, Any]:
+    """Where Ray Train keeps runs and checkpoints of this job (object storage or an absolute local path)."""
     uri = join_uri(job.output_uri, "ray_results")
     if "://" in uri and not uri.startswith("file://"):
         fs, path = pyarrow_filesystem(uri, job.storage)
@@ -46,7 +47,7 @@ def fine_tune(
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = 1
-    storage_path, storage_fs = _storage_path(job)
+    storage_path, storage_fs = storage_path_for(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

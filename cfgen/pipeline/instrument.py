@@ -1,0 +1,121 @@
+"""The instrument's own test: does the classifier-based scoring read perfect counterfactuals as perfect and useless
+ones as useless? Only phantoms can say, because only there the true counterfactual exists.
+
+For each edit do(A=a) over the test split, three sets of "counterfactuals" are scored exactly as the generation
+job scores an edit:
+
+- ``true``: the phantom SCM's true counterfactual (same exogenous noise, A set to a), preprocessed like a decoded
+  image: must flip, move nothing else, and look as real as real images;
+- ``nothing``: the input itself: must not flip;
+- ``other``: a different test subject whose true A is a: flips, but keeps nothing of the input.
+
+Realism is the Frechet distance on classifier features to real target-group images of the validate split (other
+subjects), beside the distance of an equally large real target-group sample from the test split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cfgen.config import DecodeConfig
+from cfgen.metrics.effectiveness import edit_target, row_scores, summarize_scores
+from cfgen.metrics.image import change_region, l1, ssim
+from cfgen.metrics.realism import frechet_distance, real_baseline
+
+SETS = ("true", "nothing", "other")
+
+
+def true_counterfactuals(scm, indices: np.ndarray, edit: dict[str, Any], decode: DecodeConfig) -> np.ndarray:
+    """The SCM's true counterfactual images of subjects `indices` under do(edit), as uint8 decoded images."""
+    from cfgen.phantoms.truth import true_counterfactual
+
+    return np.stack([true_counterfactual(scm, int(i), edit, decode) for i in indices])
+
+
+def _true_states(scm, indices: np.ndarray, name: str) -> np.ndarray:
+    from cfgen.metrics.effectiveness import target_value
+
+    return np.array([target_value(name, getattr(scm.subject(int(i)), name)) for i in indices], dtype=np.float64)
+
+
+def calibration_table(
+    model,
+    scm,
+    test: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    edits: list[dict[str, Any]],
+    decode: DecodeConfig,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per (set, edit) with flip rate, off-target shifts, minimality, preservation and realism.
+
+    `test` / `reference`: decoded "image" [N,H,W] and "phantom_index" [N] of the test and validate splits."""
+    rng = np.random.default_rng(seed)
+    factual = np.asarray(test["image"])
+    index = np.asarray(test["phantom_index"]).astype(np.int64)
+    before = model.predict(factual)
+    ref_images = np.asarray(reference["image"])
+    ref_index = np.asarray(reference["phantom_index"]).astype(np.int64)
+    ref_features = model.predict(ref_images)["features"]
+    rows = []
+    for edit in edits:
+        name, target = edit_target(edit, model.attributes)
+        state = _true_states(scm, index, name)
+        needs = state != target
+        if not needs.any():
+            raise ValueError(f"no test subject needs do({edit}): every one already has {name}={target}")
+        truth = true_counterfactuals(scm, index, edit, decode)
+        regions = [change_region(factual[i], truth[i]) for i in range(len(factual))]
+        donors = np.flatnonzero(state == target)
+        if not len(donors):
+            raise ValueError(f"no test subject has {name}={target}: the 'other subject' set cannot be built")
+        other = factual[[rng.choice(donors[donors != i]) if (donors != i).any() else donors[0]
+                         for i in range(len(factual))]]
+        ref_target = ref_features[_true_states(scm, ref_index, name) == target]
+        pool = before["features"][donors]
+        n_real = int(min(needs.sum(), len(pool)))
+        baseline = real_baseline(pool, ref_target, n_real, seed=seed)
+        for set_name, images in (("true", truth), ("nothing", factual), ("other", other)):
+            after = model.predict(images)
+            cols = row_scores(before, after, edit, factual_state=state)
+            summary = summarize_scores(cols)
+            picked = rng.choice(np.flatnonzero(needs), n_real, replace=False)
+            rows.append({
+                "set": set_name,
+                "edit": ",".join(f"{k}={v}" for k, v in edit.items()),
+                **summary,
+                "l1_to_input": float(np.mean([l1(factual[i], images[i]) for i in np.flatnonzero(needs)])),
+                "l1_outside_region": float(np.mean([l1(factual[i], images[i], ~regions[i])
+                                                    for i in np.flatnonzero(needs)])),
+                "ssim_to_input": float(np.mean([ssim(factual[i], images[i]) for i in np.flatnonzero(needs)])),
+                "l1_to_truth": float(np.mean([l1(truth[i], images[i]) for i in np.flatnonzero(needs)])),
+                "realism_distance": frechet_distance(after["features"][picked], ref_target),
+                "realism_real_baseline": baseline,
+                "realism_n": n_real,
+                "realism_reference_n": int(len(ref_target)),
+            })
+    return rows
+
+
+def check_calibration(rows: list[dict[str, Any]], min_flip: float = 0.9, max_nothing_flip: float = 0.1,
+                      max_off_target: float = 0.1, realism_factor: float = 1.5) -> list[str]:
+    """What the table says is wrong with the instrument (empty when it reads truth as truth and nothing as nothing).
+
+    The thresholds are the acceptance of the instrument's issue; a miss is reported, never hidden."""
+    problems = []
+    for r in rows:
+        tag = f"{r['set']} do({r['edit']})"
+        if r["set"] == "true":
+            if not r["flip_rate"] >= min_flip:
+                problems.append(f"{tag}: flip rate {r['flip_rate']:.3f} < {min_flip}")
+            if not r["max_off_target_shift"] <= max_off_target:
+                problems.append(f"{tag}: off-target shift {r['max_off_target_shift']:.3f} of "
+                                f"{r['off_target_attribute']} > {max_off_target}")
+            if not r["realism_distance"] <= realism_factor * r["realism_real_baseline"]:
+                problems.append(f"{tag}: realism {r['realism_distance']:.3f} > {realism_factor} x real baseline "
+                                f"{r['realism_real_baseline']:.3f}")
+        elif r["set"] == "nothing" and not r["flip_rate"] <= max_nothing_flip:
+            problems.append(f"{tag}: flip rate {r['flip_rate']:.3f} > {max_nothing_flip}")
+    return problems
