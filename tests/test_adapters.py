@@ -142,6 +142,68 @@ def test_read_manifest_chexpert_file_takes_split_from_its_name(tmp_path):
     assert m.loc[0, "image_uri"] == str(tmp_path / "valid/patient64541/study1/view1_frontal.jpg")
 
 
+def _chexpert_release(parent, folder="CheXpert-v1.0-small", csv=CHEXPERT_TRAIN, name="train.csv"):
+    """A CheXpert release as unzipped under `parent`: `folder/{name}` and every image its `Path` column names."""
+    root = parent / folder
+    root.mkdir(parents=True, exist_ok=True)
+    text = csv.replace("CheXpert-v1.0-small/", f"{folder}/")
+    (root / name).write_text(text)
+    for line in text.splitlines()[1:]:
+        image = parent / line.split(",", 1)[0]
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(b"\xff\xd8")
+    return root
+
+
+FIRST_TRAIN_IMAGE = "train/patient00001/study1/view1_frontal.jpg"
+
+
+@pytest.mark.parametrize("folder", ["CheXpert-v1.0-small", "CheXpert-v1.0"])
+def test_chexpert_image_root_may_be_the_folder_that_holds_the_data_set(tmp_path, folder):
+    """`Path` reads `CheXpert-v1.0-small/train/...`: relative to the parent of the data-set folder."""
+    root = _chexpert_release(tmp_path, folder)
+    m = read_manifest(str(root / "train.csv"), fmt="chexpert", image_root=str(tmp_path))
+    assert m.loc[0, "image_uri"] == str(root / FIRST_TRAIN_IMAGE)
+    assert m.loc[0, "image_id"] == "patient00001_study1_view1_frontal"  # ids do not depend on the reading
+
+
+def test_chexpert_image_root_may_be_the_data_set_folder_itself(tmp_path):
+    root = _chexpert_release(tmp_path)
+    for image_root in (str(root), None):  # None: the folder of train.csv
+        m = read_manifest(str(root / "train.csv"), fmt="chexpert", image_root=image_root)
+        assert m.loc[0, "image_uri"] == str(root / FIRST_TRAIN_IMAGE)
+
+
+def test_chexpert_manifest_uri_may_be_the_folder_that_holds_the_data_set(tmp_path):
+    root = _chexpert_release(tmp_path)
+    _chexpert_release(tmp_path, csv=CHEXPERT_VALID, name="valid.csv")
+    m = read_manifest(str(tmp_path), fmt="chexpert")
+    assert len(m) == 7 and m["split"].value_counts().to_dict() == {"train": 5, "validate": 2}
+    assert m.loc[0, "image_uri"] == str(root / FIRST_TRAIN_IMAGE)
+    assert m.loc[5, "image_uri"] == str(root / "valid/patient64541/study1/view1_frontal.jpg")
+
+
+def test_chexpert_reading_is_not_misled_by_one_missing_first_image(tmp_path):
+    root = _chexpert_release(tmp_path)
+    (root / FIRST_TRAIN_IMAGE).unlink()
+    m = read_manifest(str(root / "train.csv"), fmt="chexpert", image_root=str(tmp_path))
+    assert m.loc[1, "image_uri"] == str(root / "train/patient00002/study2/view1_frontal.jpg")
+
+
+def test_chexpert_parent_folder_reading_on_s3(s3_storage, s3_client, bucket):
+    s3_client.put_object(Bucket=bucket, Key="data/CheXpert-v1.0-small/train.csv", Body=CHEXPERT_TRAIN.encode())
+    s3_client.put_object(Bucket=bucket, Key=f"data/CheXpert-v1.0-small/{FIRST_TRAIN_IMAGE}", Body=b"\xff\xd8")
+    m = read_manifest(f"s3://{bucket}/data/CheXpert-v1.0-small/train.csv", s3_storage, fmt="chexpert",
+                      image_root=f"s3://{bucket}/data")
+    assert m.loc[0, "image_uri"] == f"s3://{bucket}/data/CheXpert-v1.0-small/{FIRST_TRAIN_IMAGE}"
+
+
+def test_chexpert_without_images_under_either_reading_keeps_the_data_set_folder_reading(tmp_path):
+    (tmp_path / "train.csv").write_text(CHEXPERT_TRAIN)
+    m = read_manifest(str(tmp_path / "train.csv"), fmt="chexpert")
+    assert m.loc[0, "image_uri"] == str(tmp_path / FIRST_TRAIN_IMAGE)  # reported by check_images_present
+
+
 # --------------------------------------------------------------------------------------------------------- MIMIC
 def _mimic(**kwargs):
     return adapters.mimic_to_manifest(_csv(MIMIC_METADATA), _csv(MIMIC_CHEXPERT), split_df=_csv(MIMIC_SPLIT),

@@ -5,10 +5,12 @@ unchanged so that `normalize_manifest` reports the row instead of an adapter dro
 
 CheXpert (`train.csv`, `valid.csv`; Stanford ML Group):
   `Path, Sex, Age, Frontal/Lateral, AP/PA` + 14 observations (1.0 / 0.0 / -1.0 uncertain / blank not mentioned).
-  - `Path` starts with the data-set folder as it was zipped, e.g. `CheXpert-v1.0-small/train/patient00001/...`.
-    Users rename or move that folder, so a leading `CheXpert-v1.0*/` component is stripped and the rest
-    (`train/patient00001/study1/view1_frontal.jpg`) is taken relative to `image_root`, the folder that holds
-    `train/` and `valid/` (and `train.csv`).
+  - `Path` is relative to the folder that holds the data-set folder, e.g.
+    `CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg` (`CheXpert-v1.0/...` in the full-size
+    release). Users rename or move that folder and point `image_root` at either the data-set folder or its
+    parent, so the leading `CheXpert-v1.0*/` component is stripped and the rest (`train/patient00001/...`) is
+    looked up on the first rows under `image_root`, then under `image_root/CheXpert-v1.0-small` and
+    `image_root/CheXpert-v1.0`; the first that holds them is used for every row (`chexpert_image_root`).
   - `Age` 0 is treated as missing: the cohort is adult, and the few rows with 0 are placeholders; "a 0 year old"
     in a prompt would teach the model a falsehood.
   - `Sex` "Unknown" is missing. `AP/PA` is blank for most laterals: view_position is then "LATERAL"; a frontal
@@ -34,19 +36,19 @@ import numpy as np
 import pandas as pd
 
 from cfgen.config import StorageConfig
-from cfgen.io.manifest import (
+from cfgen.io.schema import (
     FINDINGS,
-    _id_str,
-    _is_null,
-    _parse_age,
-    _string_series,
     coerce_float_column,
+    id_str,
+    is_null,
     normalize_split,
     normalize_view_position,
-    read_table,
+    parse_age,
     resolve_uri,
+    string_series,
 )
-from cfgen.io.storage import exists, join_uri
+from cfgen.io.storage import exists, is_absolute_uri, join_uri
+from cfgen.io.tables import read_table
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,10 @@ __all__ = [
     "MIMIC_LABEL_COLUMNS",
     "MIMIC_SPLIT_COLUMNS",
     "MIMIC_PATIENTS_COLUMNS",
+    "CHEXPERT_FOLDERS",
     "chexpert_to_manifest",
+    "chexpert_image_root",
+    "read_chexpert_table",
     "mimic_to_manifest",
     "mimic_image_path",
     "load_manifest_from_layout",
@@ -95,17 +100,27 @@ MIMIC_SPLIT_COLUMNS: tuple[str, ...] = ("dicom_id", "study_id", "subject_id", "s
 MIMIC_PATIENTS_COLUMNS: tuple[str, ...] = ("subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group",
                                            "dod")
 
-_CHEXPERT_PREFIX = re.compile(r"^(?:\./)?CheXpert-v1\.0[^/]*/")
+#: The data-set folders of the CheXpert releases, as `Path` names them: the downsampled one, the full-size one.
+CHEXPERT_FOLDERS: tuple[str, ...] = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+_CHEXPERT_PREFIX = re.compile(r"^(?:\./)?(CheXpert-v1\.0[^/]*)/")
 _CHEXPERT_IDS = re.compile(r"(patient\d+)/(study\d+)/([^/]+?)(?:\.\w+)?$")
 # CheXpert Plus names the image column differently; the rest of its layout differs too, only the path is shared.
 _CHEXPERT_PATH_COLUMNS = ("Path", "path_to_image")
 _CHEXPERT_SEX = {"male": "M", "female": "F", "unknown": None}
+_CHEXPERT_PROBES = 3  # first rows looked up per candidate root: one missing file must not mislead the choice
 
 
 def _require(df: pd.DataFrame, columns, table: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{table}: missing columns {missing}; found {list(df.columns)}")
+
+
+def _chexpert_path_column(df: pd.DataFrame) -> str:
+    column = next((c for c in _CHEXPERT_PATH_COLUMNS if c in df.columns), None)
+    if column is None:
+        raise ValueError(f"CheXpert table: no 'Path' column; found {list(df.columns)}")
+    return column
 
 
 def strip_chexpert_prefix(path: str) -> str:
@@ -125,14 +140,14 @@ def split_from_filename(uri: str) -> str | None:
 
 def _chexpert_age(value: Any) -> Any:
     try:
-        age = _parse_age(value)
+        age = parse_age(value)
     except (TypeError, ValueError):
         return value  # normalize_manifest reports it
     return np.nan if age == 0 else age
 
 
 def _chexpert_sex(value: Any) -> Any:
-    if _is_null(value):
+    if is_null(value):
         return None
     return _CHEXPERT_SEX.get(str(value).strip().lower(), value)
 
@@ -145,11 +160,9 @@ def chexpert_to_manifest(
     `split` (e.g. from the file name: "train", "valid") wins; otherwise it is read from the path's first folder.
     Without `image_root` image_uri stays relative to the data-set folder.
     """
-    path_column = next((c for c in _CHEXPERT_PATH_COLUMNS if c in df.columns), None)
-    if path_column is None:
-        raise ValueError(f"CheXpert table: no 'Path' column; found {list(df.columns)}")
+    path_column = _chexpert_path_column(df)
     index = df.index
-    paths = [strip_chexpert_prefix(p) if isinstance(p, str) else p for p in (_id_str(v) for v in df[path_column])]
+    paths = [strip_chexpert_prefix(p) if isinstance(p, str) else p for p in (id_str(v) for v in df[path_column])]
 
     patient_ids, study_ids, image_ids, path_splits = [], [], [], []
     for path in paths:
@@ -168,7 +181,7 @@ def chexpert_to_manifest(
     def column(name: str) -> list[Any]:
         return df[name].tolist() if name in df.columns else [None] * len(df)
 
-    frontal_lateral = [None if _is_null(v) else str(v).strip() for v in column("Frontal/Lateral")]
+    frontal_lateral = [None if is_null(v) else str(v).strip() for v in column("Frontal/Lateral")]
     views = []
     for ap_pa, fl in zip(column("AP/PA"), frontal_lateral):
         view = normalize_view_position(ap_pa)
@@ -178,20 +191,51 @@ def chexpert_to_manifest(
 
     out = pd.DataFrame(index=index)
     out["row_id"] = np.arange(len(df), dtype=np.int64)
-    out["image_id"] = _string_series(image_ids, index)
-    out["image_uri"] = _string_series((resolve_uri(p, image_root) for p in paths), index)
-    out["patient_id"] = _string_series(patient_ids, index)
-    out["study_id"] = _string_series(study_ids, index)
-    out["view_position"] = _string_series(views, index)
+    out["image_id"] = string_series(image_ids, index)
+    out["image_uri"] = string_series((resolve_uri(p, image_root) for p in paths), index)
+    out["patient_id"] = string_series(patient_ids, index)
+    out["study_id"] = string_series(study_ids, index)
+    out["view_position"] = string_series(views, index)
     given = normalize_split(split)
-    out["split"] = _string_series((given or s for s in path_splits), index)
+    out["split"] = string_series((given or s for s in path_splits), index)
     out["sex"] = pd.Series([_chexpert_sex(v) for v in column("Sex")], index=index, dtype=object)
     out["age"] = coerce_float_column(pd.Series([_chexpert_age(v) for v in column("Age")], index=index, dtype=object),
-                                     parse=_parse_age)
+                                     parse=parse_age)
     for source, finding in CHEXPERT_OBSERVATIONS.items():
         out[finding] = coerce_float_column(pd.Series(column(source), index=index, dtype=object))
-    out["frontal_lateral"] = _string_series(frontal_lateral, index)
+    out["frontal_lateral"] = string_series(frontal_lateral, index)
     return out.reset_index(drop=True)
+
+
+def chexpert_image_root(paths: list[Any], image_root: str | None, storage: StorageConfig | None = None) -> str | None:
+    """The folder that the stripped CheXpert paths (`train/patient00001/...`) are relative to.
+
+    `image_root` is tried as the data-set folder, then as the folder holding it (joined with the folder name the
+    paths start with, then each of `CHEXPERT_FOLDERS`); the first under which one of the first rows' images exists
+    wins. When none does, `image_root` is returned unchanged and the missing images are reported by
+    `cfgen.io.manifest.check_images_present`.
+    """
+    written = [p.replace("\\", "/") for p in (id_str(v) for v in paths) if p]
+    sample = [strip_chexpert_prefix(p) for p in written[:_CHEXPERT_PROBES]]
+    if image_root is None or not sample or any(is_absolute_uri(p) for p in sample):
+        return image_root
+    named = [m.group(1) for m in (_CHEXPERT_PREFIX.match(p) for p in written[:1]) if m]
+    candidates = [image_root, *(join_uri(image_root, name) for name in dict.fromkeys([*named, *CHEXPERT_FOLDERS]))]
+    for candidate in candidates:
+        if any(exists(resolve_uri(path, candidate), storage) for path in sample):
+            return candidate
+    return image_root
+
+
+def read_chexpert_table(
+    uri: str, storage: StorageConfig | None = None, image_root: str | None = None, split: str | None = None
+) -> pd.DataFrame:
+    """A released CheXpert CSV as manifest rows, split from its file name unless given, images resolved under
+    `image_root` as the data-set folder or its parent (`chexpert_image_root`)."""
+    table = read_table(uri, storage)
+    paths = table[_chexpert_path_column(table)].head(_CHEXPERT_PROBES).tolist()
+    image_root = chexpert_image_root(paths, image_root, storage)
+    return chexpert_to_manifest(table, image_root=image_root, split=split or split_from_filename(uri))
 
 
 def mimic_image_path(subject_id: str, study_id: str, dicom_id: str, ext: str = ".dcm") -> str:
@@ -203,7 +247,7 @@ def _clean_ids(df: pd.DataFrame, columns) -> pd.DataFrame:
     """Ids as text so that tables read as int, float or str join alike ("10000032.0" from a float export too)."""
     df = df.copy()
     for column in columns:
-        ids = [_id_str(v) for v in df[column]]
+        ids = [id_str(v) for v in df[column]]
         if column in ("subject_id", "study_id"):
             ids = [i[: i.index(".")] if i and re.fullmatch(r"\d+\.0+", i) else i for i in ids]
         df[column] = pd.Series(ids, index=df.index, dtype=object)
@@ -211,7 +255,7 @@ def _clean_ids(df: pd.DataFrame, columns) -> pd.DataFrame:
 
 
 def _study_year(value: Any) -> float:
-    text = _id_str(value)
+    text = id_str(value)
     if text is None or not re.fullmatch(r"\d{8}(\.0+)?", text):
         return np.nan
     return float(text[:4])
@@ -263,20 +307,20 @@ def mimic_to_manifest(
     index = meta.index
     out = pd.DataFrame(index=index)
     out["row_id"] = meta["row_id"]
-    out["image_id"] = _string_series(meta["dicom_id"], index)
+    out["image_id"] = string_series(meta["dicom_id"], index)
     relative = [
         mimic_image_path(s, st, d, ext) if s and st and d else None
         for s, st, d in zip(meta["subject_id"], meta["study_id"], meta["dicom_id"])
     ]
-    out["image_uri"] = _string_series((resolve_uri(p, image_root) for p in relative), index)
-    out["patient_id"] = _string_series(meta["subject_id"], index)
-    out["study_id"] = _string_series(meta["study_id"], index)
+    out["image_uri"] = string_series((resolve_uri(p, image_root) for p in relative), index)
+    out["patient_id"] = string_series(meta["subject_id"], index)
+    out["study_id"] = string_series(meta["study_id"], index)
     views = meta["ViewPosition"] if "ViewPosition" in meta.columns else [None] * n
-    out["view_position"] = _string_series((normalize_view_position(v) for v in views), index)
-    out["split"] = _string_series((normalize_split(v) for v in meta["_split"]) if "_split" in meta else [None] * n,
+    out["view_position"] = string_series((normalize_view_position(v) for v in views), index)
+    out["split"] = string_series((normalize_split(v) for v in meta["_split"]) if "_split" in meta else [None] * n,
                                   index)
     if "_gender" in meta.columns:
-        out["sex"] = pd.Series([None if _is_null(v) else str(v).strip() for v in meta["_gender"]], index=index,
+        out["sex"] = pd.Series([None if is_null(v) else str(v).strip() for v in meta["_gender"]], index=index,
                                dtype=object)
         anchor_age = pd.to_numeric(meta["_anchor_age"], errors="coerce")
         age = anchor_age
@@ -285,7 +329,7 @@ def mimic_to_manifest(
             age = anchor_age + shift.where(shift.notna(), 0.0)
         out["age"] = age.astype("float64")
     else:
-        out["sex"] = _string_series([None] * n, index)
+        out["sex"] = string_series([None] * n, index)
         out["age"] = np.nan
     for finding in FINDINGS:
         if finding in meta.columns:
@@ -339,15 +383,16 @@ def load_manifest_from_layout(
     root = str(root_uri).rstrip("/") or "/"
     image_root = root if image_root is None else image_root
     if fmt == "chexpert":
-        frames = []
-        for name in ("train", "valid", "test"):
-            uri = _find(root, [name], storage)
-            if uri is not None:
-                frames.append(chexpert_to_manifest(read_table(uri, storage), image_root=image_root,
-                                                   split=split_from_filename(uri)))
-        if not frames:
-            raise FileNotFoundError(f"{root}: no CheXpert train.csv / valid.csv / test.csv found")
-        return _concat_with_row_ids(frames)
+        # the folder holding train.csv, or the folder that holds it (the reading of the CSVs' own `Path`)
+        for folder in (root, *(join_uri(root, name) for name in CHEXPERT_FOLDERS)):
+            tables = [uri for uri in (_find(folder, [name], storage) for name in ("train", "valid", "test")) if uri]
+            if tables:
+                break
+        else:
+            raise FileNotFoundError(
+                f"{root}: no CheXpert train.csv / valid.csv / test.csv found there or in {' or '.join(CHEXPERT_FOLDERS)}/"
+            )
+        return _concat_with_row_ids([read_chexpert_table(uri, storage, image_root=image_root) for uri in tables])
     if fmt != "mimic":
         raise ValueError(f"layout format {fmt!r} is not 'chexpert' or 'mimic'")
 
@@ -387,7 +432,7 @@ def load_manifest_from_layout(
 def _probe_mimic_ext(metadata: pd.DataFrame, image_root: str, storage: StorageConfig | None) -> str:
     """MIMIC-CXR and MIMIC-CXR-JPG share the tables: look at the first image to tell them apart."""
     for _, row in metadata.head(1).iterrows():
-        ids = [_id_str(row.get(c)) for c in ("subject_id", "study_id", "dicom_id")]
+        ids = [id_str(row.get(c)) for c in ("subject_id", "study_id", "dicom_id")]
         if all(ids):
             for ext in (".jpg", ".dcm"):
                 if exists(resolve_uri(mimic_image_path(*ids, ext=ext), image_root), storage):

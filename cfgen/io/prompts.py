@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cfgen.config import PromptConfig
-from cfgen.io.manifest import FINDINGS, normalize_sex
+from cfgen.io.schema import FINDINGS, normalize_sex
 
 __all__ = [
     "KNOWN_ATTRIBUTES",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from cfgen.io.manifest import _id_str, _string_series, normalize_split
+from cfgen.io.schema import id_str, normalize_split, string_series
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _patient_keys(df: pd.DataFrame) -> list[str]:
     images = df["image_id"].tolist() if "image_id" in df.columns else [None] * len(df)
     keys = []
     for i, (patient, image) in enumerate(zip(patients, images)):
-        patient, image = _id_str(patient), _id_str(image)
+        patient, image = id_str(patient), id_str(image)
         keys.append(f"patient:{patient}" if patient else f"image:{image}" if image else f"row:{i}")
     return keys
 
@@ -92,7 +92,7 @@ def patient_split(
                 split = cache[key] = split_of(key, fractions, seed)
         out.append(split)
     result = df.copy()
-    result["split"] = _string_series(out, result.index)
+    result["split"] = string_series(out, result.index)
     return result
 
 
@@ -101,7 +101,7 @@ def assert_no_patient_leak(df: pd.DataFrame) -> None:
     if "split" not in df.columns or "patient_id" not in df.columns:
         return
     pairs = pd.DataFrame(
-        {"patient_id": [_id_str(v) for v in df["patient_id"]], "split": [normalize_split(v) for v in df["split"]]}
+        {"patient_id": [id_str(v) for v in df["patient_id"]], "split": [normalize_split(v) for v in df["split"]]}
     ).dropna()
     counts = pairs.drop_duplicates().groupby("patient_id")["split"].nunique()
     leaked = counts[counts > 1].index.tolist()
