@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -84,3 +85,41 @@ def test_training_rows_stream_with_the_split_filter(ray_local, tmp_path):
     assert len(batch["prompt"]) == (splits == "train").sum()
     assert batch["image"].shape[1:] == (64, 64)
     assert set(batch) == {"image", "prompt"}
+
+
+def test_ingest_of_a_folder_mixing_good_and_truncated_files(ray_local, tmp_path):
+    """Files cut short in transfer are error rows, each named in the errors table; the good ones decode."""
+    from PIL import Image
+    from pydicom.uid import JPEG2000Lossless
+    from test_decode import make_dataset, to_bytes
+
+    from cfgen.pipeline.ingest import ingest
+
+    # noise, so that the pixels and not the header make up most of every file and each cut lands in the pixels
+    ramp = np.random.default_rng(3).integers(0, 256, (64, 64)).astype(np.uint8)
+
+    def saved(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(ramp).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    j2k = make_dataset(ramp.astype(np.uint16) * 16, bits_stored=12)
+    j2k.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    good = {"a.png": saved("PNG"), "b.jpg": saved("JPEG"), "c.dcm": to_bytes(make_dataset(ramp)), "d.dcm": to_bytes(j2k)}
+    files = dict(good)
+    for name, data in good.items():
+        for fraction in (0.5, 0.9, 0.99):
+            files[f"cut{int(fraction * 100)}_{name}"] = data[: int(len(data) * fraction)]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pd.DataFrame({"image_id": list(files), "image_uri": list(files)}).to_csv(tmp_path / "manifest.csv", index=False)
+    job = JobConfig.model_validate({"output_uri": str(tmp_path / "out"),
+                                    "data": {"manifest_uri": str(tmp_path / "manifest.csv"), "decode": {"size": 32}}})
+
+    result = ingest(job)
+    assert (result.input_rows, result.ok_rows, result.error_rows) == (16, 4, 12)
+    assert result.ok_rows + result.error_rows == result.input_rows
+    errors = pd.read_parquet(result.errors_uri).set_index("image_id")
+    assert sorted(errors.index) == sorted(name for name in files if name.startswith("cut"))
+    assert (errors["stage"] == "decode").all()
+    assert errors["reason"].str.startswith("corrupt_pixel_data: ").all()

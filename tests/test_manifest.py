@@ -141,6 +141,50 @@ def test_read_manifest_from_s3(s3_storage, s3_client, bucket):
     assert df.loc[0, "image_uri"] == f"s3://{bucket}/ds/img/001.dcm"
 
 
+# ----------------------------------------------------------------------------------------- images where they are
+def _rows(uris):
+    return pd.DataFrame({"image_id": [f"i{k}" for k in range(len(uris))], "image_uri": uris})
+
+
+def test_check_images_present_fails_early_naming_the_root_and_the_layout(tmp_path):
+    rows = _rows([str(tmp_path / f"train/patient{k:05d}/study1/view1_frontal.jpg") for k in range(40)])
+    with pytest.raises(ValueError) as error:
+        mf.check_images_present(rows, str(tmp_path), "chexpert")
+    message = str(error.value)
+    assert "32 of the first 32 images" in message and f"Image root tried: {tmp_path}." in message
+    assert "CheXpert-v1.0-small" in message and "data.image_root" in message
+
+
+def test_check_images_present_lets_a_few_missing_files_through(tmp_path):
+    present = [tmp_path / f"{k}.png" for k in range(3)]
+    for path in present:
+        path.write_bytes(b"x")
+    mf.check_images_present(_rows([*map(str, present), str(tmp_path / "gone.png")]), str(tmp_path))
+    mf.check_images_present(_rows([]), str(tmp_path))  # nothing to look for
+
+
+def test_check_images_present_on_s3(s3_storage, s3_client, bucket):
+    s3_client.put_object(Bucket=bucket, Key="cxr/a.dcm", Body=b"DICM")
+    mf.check_images_present(_rows([f"s3://{bucket}/cxr/a.dcm"]), f"s3://{bucket}/cxr", "cfgen", s3_storage)
+    with pytest.raises(ValueError, match="mimic layout expects files/pNN"):
+        mf.check_images_present(_rows([f"s3://{bucket}/cxr/files/p10/x.dcm"] * 3), f"s3://{bucket}/cxr", "mimic",
+                                s3_storage)
+
+
+def test_ingest_with_a_wrong_image_root_stops_before_any_work(tmp_path):
+    from cfgen.config import JobConfig
+    from cfgen.pipeline.data import load_manifest
+    from cfgen.pipeline.ingest import ingest
+
+    _write(tmp_path / "m.csv", "image_id,image_uri\n" + "".join(f"{k},img/{k}.png\n" for k in range(10)))
+    job = JobConfig.model_validate({"output_uri": str(tmp_path / "out"),
+                                    "data": {"manifest_uri": str(tmp_path / "m.csv"), "image_root": "/nowhere"}})
+    assert len(load_manifest(job)[0]) == 10  # reading the table alone does not look for images
+    with pytest.raises(ValueError, match="Image root tried: /nowhere"):
+        ingest(job)
+    assert not (tmp_path / "out" / "ingest" / "errors.parquet").exists()
+
+
 # ------------------------------------------------------------------------------------------------------ splits
 def _patients(n_patients=200, images_each=3):
     return pd.DataFrame({

@@ -17,7 +17,15 @@ import pyarrow as pa
 
 from cfgen.config import DataConfig, JobConfig, StorageConfig
 from cfgen.io.decode import DecodeError
-from cfgen.io.manifest import MANIFEST_SCHEMA, filter_manifest, manifest_to_arrow, normalize_manifest, read_manifest
+from cfgen.io.manifest import (
+    MANIFEST_SCHEMA,
+    check_images_present,
+    default_image_root,
+    filter_manifest,
+    manifest_to_arrow,
+    normalize_manifest,
+    read_manifest,
+)
 from cfgen.io.preprocess import decode_and_preprocess
 from cfgen.io.prompts import build_prompt
 from cfgen.io.splits import patient_split
@@ -61,8 +69,13 @@ def typed_table(columns: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def load_manifest(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """(ok rows after filters, manifest error rows, number of input rows) for `job.data`."""
+def load_manifest(job: JobConfig, check_images: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(ok rows after filters, manifest error rows, number of input rows) for `job.data`.
+
+    `check_images` looks for the first rows' images (`check_images_present`) and raises ValueError, naming the
+    image root and the layout expected, when most are missing: jobs that read the images ask for it, so that a
+    wrong `data.image_root` stops before any Ray work instead of becoming an errors table of the whole data set.
+    """
     data = job.data
     if not data.manifest_uri:
         raise ValueError("data.manifest_uri is not set: point it at a manifest CSV/Parquet or a data-set root")
@@ -74,6 +87,9 @@ def load_manifest(job: JobConfig) -> tuple[pd.DataFrame, pd.DataFrame, int]:
         # per patient, so no patient has images in two splits; official splits (MIMIC's, CheXpert's) are kept
         ok = patient_split(ok, data.split_fractions, seed=data.split_seed, keep_existing=True)
     ok = filter_manifest(ok, data.view_positions, data.splits, data.limit)
+    if check_images:
+        root = data.image_root or default_image_root(data.manifest_uri)
+        check_images_present(ok, root, data.manifest_format, job.storage)
     return ok, errors, len(raw)
 
 

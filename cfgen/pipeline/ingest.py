@@ -45,7 +45,7 @@ def ingest(job: JobConfig, output_uri: str | None = None) -> IngestResult:
     fs, decoded_path = fsspec_filesystem(decoded_uri, job.storage)
     if fs.exists(decoded_path):
         fs.rm(decoded_path, recursive=True)
-    rows, manifest_errors, n_input = load_manifest(job)
+    rows, manifest_errors, n_input = load_manifest(job, check_images=True)
     filtered_out = n_input - len(rows) - len(manifest_errors)
 
     pa_fs, pa_path = pyarrow_filesystem(decoded_uri, job.storage)
