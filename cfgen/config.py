@@ -206,6 +206,16 @@ class ClassifierTrainConfig(_Section):
     seed: int = 0
     augment: bool = Field(True, description="small shifts, rotations and zooms; never flips or intensity changes")
     max_pos_weight: float = Field(10.0, ge=1, description="cap on the rare-class weight n_neg / n_pos")
+    decorrelate: float | None = Field(
+        0.1, ge=0, le=1,
+        description="reweight training images so that every pair of binary labels correlated beyond this |phi| is "
+                    "independent in the weighted data (a classifier that measures edits must not read one finding "
+                    "off another); None trains on the raw co-occurrences",
+    )
+    materialize_max_mb: float = Field(
+        512, ge=0, description="hold the decoded training rows in Ray's object store when they are at most this "
+                               "large (every epoch then reads memory, not Parquet); larger sets stream per epoch",
+    )
     run_name: str = "cfgen-classifier"
 
 

@@ -159,3 +159,28 @@ def test_a_bad_classifier_folder_fails_with_a_message(tmp_path):
     (tmp_path / "clf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match="do not fit its config|size mismatch"):
         load_classifier(str(tmp_path / "clf"))
+
+
+def test_decorrelation_weights_make_a_confounded_pair_independent():
+    from cfgen.classify.train import decorrelation_tables, sample_weights
+
+    rng = np.random.default_rng(0)
+    effusion = (rng.random(4000) < 0.25).astype(float)
+    devices = np.where(rng.random(4000) < 0.6, effusion, rng.random(4000) < 0.25).astype(float)
+    cfg = ClassifierConfig(attributes=["support_devices", "pleural_effusion", "sex"])
+    labels = {"support_devices": devices, "pleural_effusion": effusion,
+              "sex": np.where(rng.random(4000) < 0.5, "M", "F")}
+    tables = decorrelation_tables(labels, cfg, "mask")
+    assert [t["pair"] for t in tables] == [["support_devices", "pleural_effusion"]]  # sex is independent
+    targets, known = label_targets(labels, cfg.attributes, "mask")
+    w = sample_weights(targets, known, tables)
+
+    def weighted_phi(a, b):
+        ma, mb = np.average(a, weights=w), np.average(b, weights=w)
+        cov = np.average((a - ma) * (b - mb), weights=w)
+        return cov / np.sqrt(np.average((a - ma) ** 2, weights=w) * np.average((b - mb) ** 2, weights=w))
+
+    assert np.corrcoef(devices, effusion)[0, 1] > 0.5
+    assert abs(weighted_phi(devices, effusion)) < 1e-6
+    assert decorrelation_tables(labels, cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"decorrelate": None})}), "mask") == []

@@ -18,6 +18,7 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
         f"output_uri={tmp_path}/run", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "phantoms.n=160", "train.max_steps=8", "train.checkpoint_every=4", "train.batch_size=8",
         "train.vae.steps=20", "edit.limit=6", "edit.num_inference_steps=4", "edit.batch_size=3",
+        "classifier.train.epochs=1", "classifier.train.batch_size=16", "classifier.bootstrap=20",
     ])
     out = run_demo(job)
 
@@ -36,6 +37,16 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert with_devices["counterfactual_prompt"].str.contains("without support devices").all()
     assert (results["unet_evaluations"] == (1 + 2 + 1) * 4).all()
 
+    # the metric stage: the classifier read every row, and the report shows the instrument
+    assert "Attribute classifier" in html and "clf_flip_rate" in html
+    assert results["metric_error"].isna().all()
+    for column in ("clf_target_before", "clf_target_after", "p_after__pleural_effusion", "null_ssim"):
+        assert results[column].notna().all(), column
+    assert results[["clf_target_before", "clf_target_after"]].stack().between(0, 1).all()
+    assert len(results["counterfactual_features"].iloc[0]) > 16
+    devices = results[results.edit_name == "support_devices=0"]  # the phantom's truth says who has a device
+    assert ((devices["clf_needs_change"] == 1) == (devices["factual_state"] == 1)).all()
+
     # MLflow: params, a loss curve, the pipeline as an artifact, a registered version behind the alias
     import mlflow
 
@@ -48,6 +59,11 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert len(losses) == 8 and all(math.isfinite(m.value) for m in losses)
     version = client.get_model_version_by_alias("cfgen-sd", "champion")
     assert version.run_id == run.info.run_id
+    from cfgen.classify.store import load_classifier
+
+    assert client.get_model_version_by_alias("cfgen-classifier", "champion").version == "1"
+    registered = load_classifier("models:/cfgen-classifier@champion", tracking=job.tracking)
+    assert registered.attributes == job.classifier.attributes
 
     # the registered model resolves and loads with from_pretrained; fine-tuning changed the UNet
     from cfgen.models.sd import load_pipeline

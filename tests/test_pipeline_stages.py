@@ -134,3 +134,41 @@ def test_effect_ratio_measures_how_much_of_the_true_change_an_edit_makes():
     assert effect_ratio(factual, factual, truth) == pytest.approx(0.0)
     assert effect_ratio(factual, truth / 2, truth) == pytest.approx(0.5)
     assert np.isnan(effect_ratio(factual, truth, factual))  # a null edit has no true effect to reach
+
+
+def test_measure_stage_reads_each_row_with_the_classifier_and_names_what_it_cannot_score(tmp_path):
+    """The metric stage as a plain callable: classifier columns for a scorable edit, NaN and a reason for an edit
+    of an attribute the classifier has no head for, and the image metrics for both."""
+    import torch
+
+    from cfgen.classify.network import AttributeClassifier, network_config
+    from cfgen.classify.store import save_classifier
+    from cfgen.config import ClassifierConfig
+
+    torch.manual_seed(0)
+    clf_cfg = ClassifierConfig(attributes=["support_devices", "sex"], init_features=8, growth_rate=4,
+                               block_config=[2, 2], image_size=32)
+    save_classifier(AttributeClassifier(network_config(clf_cfg)), str(tmp_path / "clf"))
+    cfg, rows = _phantom_rows(tmp_path, n=2)
+    stage = MeasureStage(str(tmp_path / "gen"), StorageConfig(), DecodeConfig(size=64), phantoms=cfg,
+                         classifier_uri=str(tmp_path / "clf"))
+    edits = [{"support_devices": 1}, {"cardiomegaly": 1}]
+    index = rows["phantom_index"].to_numpy()
+    factual = np.stack([stage.truth({"phantom_index": i, "edit": "{}"})[0] for i in index])
+    truth = np.stack([stage.truth({"phantom_index": i, "edit": json.dumps(e)})[0] for i, e in zip(index, edits)])
+    u8 = lambda x: (x * 255).round().astype(np.uint8)  # noqa: E731
+    batch = {"image_id": rows["image_id"].to_numpy(), "phantom_index": index,
+             "edit": np.array([json.dumps(e) for e in edits], dtype=object),
+             "edit_name": np.array([edit_name(e) for e in edits], dtype=object),
+             "image": u8(factual), "counterfactual": u8(truth), "reconstruction": u8(factual),
+             "autoencoded": u8(factual)}
+    out = stage(typed_table(batch)).to_pydict()
+    assert out["metric_error"][0] is None and out["metric_error"][1].startswith("unscorable_edit")
+    assert 0 < out["clf_target_after"][0] < 1
+    assert out["clf_target_after"][1] is None  # NaN is written as a Parquet null
+    assert out["factual_state"][0] == 0.0  # the phantom had no device: the edit needs a change
+    assert out["clf_needs_change"][0] == 1.0
+    assert len(out["counterfactual_features"][0]) == len(out["factual_features"][0]) > 8
+    assert out["null_ssim"] == pytest.approx([1.0, 1.0])
+    assert out["l1_outside_region"][0] < 1e-6  # the true counterfactual changes nothing outside its region
+    assert np.isfinite(out["p_after__sex"]).all()

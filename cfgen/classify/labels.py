@@ -99,3 +99,17 @@ def label_targets(
         else:
             targets[:, k], known[:, k] = _binary(values, policy)
     return targets, known
+
+
+def matching_covariates(reads: Mapping[str, np.ndarray], labels: Mapping[str, Any] | None, exclude: str,
+                        policy: str = "mask") -> np.ndarray:
+    """Covariates [N, C] to match a counterfactual population on: every classifier head but `exclude`, its label
+    where the row has one (sex as 1 = male, age in years, findings 0/1) and the classifier's read where not."""
+    names = [a for a in reads if a not in ("features", exclude)]
+    reads_matrix = np.stack([np.asarray(reads[a], np.float64) for a in names], 1) if names else None
+    if reads_matrix is None:
+        return np.zeros((len(reads.get("features", [])), 0))
+    if labels is None:
+        return reads_matrix
+    targets, known = label_targets(labels, names, policy)
+    return np.where(known, targets, reads_matrix)

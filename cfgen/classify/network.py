@@ -126,15 +126,18 @@ class AttributeClassifier(nn.Module):
 
 def masked_loss(
     model: AttributeClassifier, logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
-    pos_weight: torch.Tensor,
+    pos_weight: torch.Tensor, sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy (rare classes weighted by `pos_weight`) on binary heads, Huber on standardised age,
-    each over known labels only; a batch with no known label of an attribute contributes nothing for it."""
+    each over known labels only (and weighted per image by `sample_weight`); a batch with no known label of an
+    attribute contributes nothing for it."""
     reg = model.is_regression.to(logits.device)
     known = known.float()
     age_z = (targets - model.config["age_mean"]) / model.config["age_sd"]
     bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
     huber = F.smooth_l1_loss(logits, age_z, reduction="none")
+    if sample_weight is not None:
+        known = known * sample_weight[:, None]
     per = torch.where(reg, huber, bce) * known
     counts = known.sum(0)
     per_attribute = per.sum(0) / counts.clamp(min=1)

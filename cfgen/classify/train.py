@@ -54,6 +54,45 @@ def label_statistics(labels: dict[str, np.ndarray], cfg: ClassifierConfig, polic
     return stats
 
 
+def decorrelation_tables(labels: dict[str, np.ndarray], cfg: ClassifierConfig, policy: str) -> list[dict[str, Any]]:
+    """For every pair of binary attributes whose known labels correlate beyond `decorrelate` (|phi|), the 2x2
+    table of weights P(a) P(b) / P(a, b): weighted by it, the pair is independent, so a device no longer predicts
+    an effusion and the classifier has to find the effusion itself (the confounding DESIGN.md §3 plants)."""
+    threshold = cfg.train.decorrelate
+    if threshold is None:
+        return []
+    targets, known = label_targets(labels, cfg.attributes, policy)
+    binary = [k for k, a in enumerate(cfg.attributes) if a not in REGRESSION_ATTRIBUTES]
+    tables = []
+    for x, i in enumerate(binary):
+        for j in binary[x + 1:]:
+            both = known[:, i] & known[:, j]
+            if both.sum() < 20:
+                continue
+            a, b = targets[both, i], targets[both, j]
+            if a.std() == 0 or b.std() == 0:
+                continue
+            phi = float(np.corrcoef(a, b)[0, 1])
+            if abs(phi) <= threshold:
+                continue
+            joint = np.array([[np.mean((a == u) & (b == v)) for v in (0, 1)] for u in (0, 1)])
+            marginal = np.outer([1 - a.mean(), a.mean()], [1 - b.mean(), b.mean()])
+            weights = np.clip(marginal / np.maximum(joint, 1e-6), 0.1, 10.0)
+            tables.append({"i": i, "j": j, "pair": [cfg.attributes[i], cfg.attributes[j]], "phi": phi,
+                           "weights": weights.tolist()})
+    return tables
+
+
+def sample_weights(targets: np.ndarray, known: np.ndarray, tables: list[dict[str, Any]]) -> np.ndarray:
+    """Per-image weight: the product of the decorrelation weights of each pair both of whose labels are known."""
+    w = np.ones(len(targets), dtype=np.float32)
+    for t in tables:
+        i, j, table = t["i"], t["j"], np.asarray(t["weights"], dtype=np.float32)
+        both = known[:, i] & known[:, j]
+        w[both] *= table[targets[both, i].astype(int), targets[both, j].astype(int)]
+    return w
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -89,6 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     policy = loop_config["policy"]
+    tables, weight_scale = loop_config["decorrelation"], float(loop_config["weight_scale"])
     for epoch in range(start_epoch, tc.epochs):
         generator = torch.Generator().manual_seed(tc.seed * 1000 + epoch * 10 + rank)
         losses, step = [], 0
@@ -98,12 +138,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= steps_per_epoch:  # equal step counts on every rank keep DDP's all-reduce in step
                 break
             targets, known = label_targets(batch, cfg.attributes, policy)
+            weights = sample_weights(targets, known, tables) / weight_scale
             x = torch.from_numpy(_unit(batch["image"])).unsqueeze(1)
             if tc.augment:
                 x = random_rigid(x, generator)
             logits = ddp(x.to(device))
             loss = masked_loss(model, logits, torch.from_numpy(targets).to(device),
-                               torch.from_numpy(known).to(device), pos_weight)
+                               torch.from_numpy(known).to(device), pos_weight, torch.from_numpy(weights).to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -139,6 +180,10 @@ def fit_classifier(job: JobConfig, train_ds, label_columns: dict[str, np.ndarray
     tc = cfg.train
     policy = uncertain_policy(cfg, job.data.prompt)
     stats = label_statistics(label_columns, cfg, policy)
+    tables = decorrelation_tables(label_columns, cfg, policy)
+    targets, known = label_targets(label_columns, cfg.attributes, policy)
+    weight_scale = float(sample_weights(targets, known, tables).mean()) if tables else 1.0
+    stats["decorrelation"] = [{k: t[k] for k in ("pair", "phi", "weights")} for t in tables]
     config = network_config(cfg, stats["age_mean"], stats["age_sd"])
     # each worker gets about n/num_workers rows; a fixed step count per epoch keeps the ranks in lockstep
     steps_per_epoch = int(0.9 * n_train / tc.num_workers) // tc.batch_size
@@ -151,7 +196,8 @@ def fit_classifier(job: JobConfig, train_ds, label_columns: dict[str, np.ndarray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.model_dump(mode="python"), "network_config": config,
-                           "pos_weight": stats["pos_weight"], "policy": policy, "steps_per_epoch": steps_per_epoch},
+                           "pos_weight": stats["pos_weight"], "policy": policy, "steps_per_epoch": steps_per_epoch,
+                           "decorrelation": tables, "weight_scale": weight_scale},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=tc.run_name, storage_path=storage_path, storage_filesystem=storage_fs,

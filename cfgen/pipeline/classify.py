@@ -74,6 +74,9 @@ def train_and_evaluate(job: JobConfig, decoded_uri: str) -> tuple[Any, dict[str,
     policy = uncertain_policy(cfg, job.data.prompt)
     labels = split_arrays(job, decoded_uri, "train", with_images=False)
     train_ds = decoded_rows(job, decoded_uri, ["train"], columns=["image", *cfg.attributes])
+    pixel_bytes = 2 if job.data.decode.dtype == "uint16" else 1
+    if _count(labels) * job.data.decode.size**2 * pixel_bytes <= cfg.train.materialize_max_mb * 2**20:
+        train_ds = train_ds.materialize()  # read once; each epoch then splits blocks already in memory
     storage_path, storage_fs = storage_path_for(job)
     started = time.time()
     model, stats = fit_classifier(job, train_ds, labels, _count(labels), storage_path, storage_fs)
@@ -96,6 +99,7 @@ def train_and_evaluate(job: JobConfig, decoded_uri: str) -> tuple[Any, dict[str,
         "attributes": held_out,
         "calibration": calibration,
         "label_statistics": stats["attributes"],
+        "decorrelation": stats["decorrelation"],
         "uncertain_policy": policy,
         "n_train": _count(labels), "n_validate": _count(validate), "n_test": _count(test),
         "train_seconds": train_seconds, "final_loss": stats["final_loss"],

@@ -35,7 +35,7 @@ from cfgen.io.storage import read_bytes, redact
 #: `string`, not Arrow's `null` type, or Parquet files of one data set would disagree on their schema.
 TEXT_COLUMNS = (
     "prompt", "status", "error_stage", "error_reason", "provenance", "edit", "edit_name",
-    "counterfactual_prompt", "model_uri", "counterfactual_uri", "panel_uri",
+    "counterfactual_prompt", "model_uri", "counterfactual_uri", "panel_uri", "metric_error",
 )
 
 

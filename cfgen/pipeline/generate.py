@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cfgen.config import DecodeConfig, EditConfig, JobConfig, PhantomConfig, PromptConfig, StorageConfig
+from cfgen.config import (
+    DecodeConfig, EditConfig, JobConfig, PhantomConfig, PromptConfig, StorageConfig, TrackingConfig,
+)
 from cfgen.io.prompts import counterfactual_prompt
 from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
 from cfgen.metrics.image import as_unit_float, difference_map, edit_metrics
@@ -77,6 +79,13 @@ class CounterfactualStage:
         )
         n, k = len(rows), len(edit.edits)
         out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
+        extra: dict[str, Any] = {}
+        if self.job.metrics.reversibility:
+            # edit back: invert the counterfactual with its own prompt, regenerate with the factual prompt
+            backs = [ddim_counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], edit.num_inference_steps,
+                                          edit.guidance_scale) for cf, prompts in zip(result.counterfactuals,
+                                                                                      cf_prompts)]
+            extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         added = typed_table({
             "image": np.tile(_to_uint8(as_unit_float(images)), (k, 1, 1)),
             "reconstruction": np.tile(_to_uint8(result.reconstruction), (k, 1, 1)),
@@ -89,12 +98,18 @@ class CounterfactualStage:
             "model_uri": [self.model_uri] * (n * k),
             "unet_evaluations": np.full(n * k, result.unet_evaluations, dtype=np.int64),
             "num_inference_steps": np.full(n * k, edit.num_inference_steps, dtype=np.int64),
+            **extra,
         })
         return append_columns(out, added)
 
 
 class MeasureStage:
-    """CPU stage: metrics per row (against the true counterfactual for phantoms) and PNGs of the result."""
+    """CPU actor: metrics per row and PNGs of the result.
+
+    Against the true counterfactual where the row is a phantom; with the attribute classifier (loaded once per
+    actor) where one is given: effectiveness, off-target shifts and the features realism is computed from; and
+    preservation, minimality and reversibility from the images. Realism is a set figure, computed from the stored
+    features when the results are summarised (`cfgen.report`)."""
 
     def __init__(
         self,
@@ -102,6 +117,8 @@ class MeasureStage:
         storage: StorageConfig,
         decode: DecodeConfig,
         phantoms: PhantomConfig | None = None,
+        classifier_uri: str | None = None,
+        tracking: TrackingConfig | None = None,
     ):
         self.output_uri, self.storage, self.decode = output_uri, storage, decode
         self.scm = None
@@ -109,30 +126,82 @@ class MeasureStage:
             from cfgen.phantoms.scm import PhantomSCM
 
             self.scm = PhantomSCM(phantoms)
+        self.classifier = None
+        if classifier_uri:
+            from cfgen.classify.store import load_classifier
+
+            self.classifier = load_classifier(classifier_uri, storage, tracking)
 
     def truth(self, row: dict[str, Any]) -> tuple[np.ndarray | None, float]:
         """The phantom's true counterfactual (preprocessed exactly like a decoded image) and whether the edit
         changes its true attributes (1.0; 0.0 for a null edit such as removing a device from a patient without
         one). (None, NaN) when the row is no phantom. Metadata can be missing; the SCM's truth is not."""
+        index = self._phantom_index(row)
+        if index is None:
+            return None, float("nan")
+        from cfgen.phantoms.truth import changes_truth, true_counterfactual
+
+        edit = json.loads(row["edit"])
+        truth = true_counterfactual(self.scm, index, edit, self.decode)
+        return as_unit_float(truth), float(changes_truth(self.scm, index, edit))
+
+    def _phantom_index(self, row: dict[str, Any]) -> int | None:
         index = row.get("phantom_index")
         if self.scm is None or index is None or (isinstance(index, float) and np.isnan(index)):
-            return None, float("nan")
-        from cfgen.io.preprocess import quantize, to_fixed_size
+            return None
+        return int(index)
 
-        subject = self.scm.subject(int(index))
-        edited = self.scm.intervene(subject, json.loads(row["edit"]))
-        image, _ = self.scm.render(edited)
-        fixed = to_fixed_size(image, self.decode.size, self.decode.resize_mode)
-        return as_unit_float(quantize(fixed, "uint8")), float(edited.attributes() != subject.attributes())
+    def factual_state(self, row: dict[str, Any]) -> float:
+        """The edited attribute's factual value as the classifier reads it: the phantom's truth, else the row's
+        label (NaN when missing or uncertain, or for a multi-attribute edit)."""
+        from cfgen.metrics.effectiveness import target_value
+
+        edit = json.loads(row["edit"])
+        if len(edit) != 1:
+            return float("nan")
+        (name,) = edit
+        index = self._phantom_index(row)
+        value = getattr(self.scm.subject(index), name) if index is not None else row.get(name)
+        try:
+            state = target_value(name, value)
+        except (TypeError, ValueError):
+            return float("nan")
+        return state if name in ("age", "sex") or state in (0.0, 1.0) else float("nan")
+
+    def region(self, row: dict[str, Any], factual: np.ndarray, truth: np.ndarray | None) -> np.ndarray | None:
+        """Where the edit may act: the true change on phantoms, else the row's lung mask, else unknown."""
+        from cfgen.metrics.image import change_region
+
+        if truth is not None:
+            return change_region(factual, truth)
+        uri = row.get("mask_uri")
+        if not uri:
+            return None
+        try:
+            from cfgen.io.preprocess import decode_and_preprocess
+            from cfgen.io.storage import read_bytes
+
+            mask, _ = decode_and_preprocess(read_bytes(uri, self.storage), self.decode, uri=uri)
+        except Exception:  # noqa: BLE001 - an unreadable mask leaves minimality unknown for this row only
+            return None
+        return as_unit_float(mask) > 0.5
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from cfgen.metrics.edit_report import classifier_metrics, image_metrics
+
+        arrays = [c for c in (*_ARRAY_COLUMNS, "edit_back") if c in batch.column_names]
         factual, cfs, recons, autoencoded = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
-        meta = batch.drop_columns(list(_ARRAY_COLUMNS))
+        backs = tensor_column(batch, "edit_back") if "edit_back" in arrays else None
+        meta = batch.drop_columns(arrays)
+        rows = meta.to_pylist()
         metrics, cf_uris, panel_uris, changes = [], [], [], []
-        for i, row in enumerate(meta.to_pylist()):
+        for i, row in enumerate(rows):
             truth, changes_truth = self.truth(row)
             changes.append(changes_truth)
-            metrics.append(edit_metrics(factual[i], cfs[i], truth, recons[i], autoencoded[i]))
+            m = edit_metrics(factual[i], cfs[i], truth, recons[i], autoencoded[i])
+            m.update(image_metrics(factual[i], cfs[i], recons[i], None if backs is None else backs[i],
+                                   self.region(row, factual[i], truth)))
+            metrics.append(m)
             stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
             cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
             panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))
@@ -142,6 +211,16 @@ class MeasureStage:
                                  "edit_changes_truth": np.array(changes, dtype=np.float64)}
         for name in metrics[0]:
             added[name] = np.array([m[name] for m in metrics], dtype=np.float64)
+        if self.classifier is not None:
+            before, after = self.classifier.predict(factual), self.classifier.predict(cfs)
+            edits = [json.loads(r["edit"]) for r in rows]
+            state = np.array([self.factual_state(r) for r in rows], dtype=np.float64)
+            cols, reasons = classifier_metrics(before, after, edits, state)
+            added.update({f"clf_{k}" if not k.startswith("p_") else k: v for k, v in cols.items()})
+            added["factual_state"] = state
+            added["metric_error"] = reasons
+            added["factual_features"] = before["features"].astype(np.float32)
+            added["counterfactual_features"] = after["features"].astype(np.float32)
         return append_columns(meta, typed_table(added))
 
 
@@ -189,6 +268,7 @@ def generate(
     decoded_uri: str,
     splits: list[str] | None = ("test",),
     phantoms: PhantomConfig | None = None,
+    classifier_uri: str | None = None,
 ) -> GenerateResult:
     """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`."""
     import pyarrow.dataset as pds
@@ -222,10 +302,11 @@ def generate(
         MeasureStage,
         fn_constructor_kwargs={
             "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
+            "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
         },
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=edit.batch_size * len(edit.edits),
-        num_cpus=0.25,
+        num_cpus=job.metrics.cpus_per_actor,
         batch_format="pyarrow",
     )
     res_fs, res_path = pyarrow_filesystem(results_uri, job.storage)

@@ -10,7 +10,8 @@ job scores an edit:
 - ``other``: a different test subject whose true A is a: flips, but keeps nothing of the input.
 
 Realism is the Frechet distance on classifier features to real target-group images of the validate split (other
-subjects), beside the distance of an equally large real target-group sample from the test split.
+subjects), matched to the edited subjects' other attributes (`cfgen.metrics.realism.matched_realism`), beside the
+distance of an equally large, equally matched real target-group sample from the test split.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 from cfgen.config import DecodeConfig
 from cfgen.metrics.effectiveness import edit_target, row_scores, summarize_scores
 from cfgen.metrics.image import change_region, l1, ssim
-from cfgen.metrics.realism import frechet_distance, real_baseline
+from cfgen.classify.labels import matching_covariates
+from cfgen.metrics.realism import matched_realism
 
 SETS = ("true", "nothing", "other")
 
@@ -51,14 +53,15 @@ def calibration_table(
 ) -> list[dict[str, Any]]:
     """One row per (set, edit) with flip rate, off-target shifts, minimality, preservation and realism.
 
-    `test` / `reference`: decoded "image" [N,H,W] and "phantom_index" [N] of the test and validate splits."""
+    `test` / `reference`: decoded "image" [N,H,W], "phantom_index" [N] and the label columns (what the manifest
+    says; the realism match uses them) of the test and validate splits."""
     rng = np.random.default_rng(seed)
     factual = np.asarray(test["image"])
     index = np.asarray(test["phantom_index"]).astype(np.int64)
     before = model.predict(factual)
     ref_images = np.asarray(reference["image"])
     ref_index = np.asarray(reference["phantom_index"]).astype(np.int64)
-    ref_features = model.predict(ref_images)["features"]
+    ref_reads = model.predict(ref_images)
     rows = []
     for edit in edits:
         name, target = edit_target(edit, model.attributes)
@@ -73,15 +76,18 @@ def calibration_table(
             raise ValueError(f"no test subject has {name}={target}: the 'other subject' set cannot be built")
         other = factual[[rng.choice(donors[donors != i]) if (donors != i).any() else donors[0]
                          for i in range(len(factual))]]
-        ref_target = ref_features[_true_states(scm, ref_index, name) == target]
-        pool = before["features"][donors]
-        n_real = int(min(needs.sum(), len(pool)))
-        baseline = real_baseline(pool, ref_target, n_real, seed=seed)
+        at_target = _true_states(scm, ref_index, name) == target
+        ref_features = ref_reads["features"][at_target]
+        ref_cov = matching_covariates(ref_reads, reference, name)[at_target]
+        cov = matching_covariates(before, test, name)
         for set_name, images in (("true", truth), ("nothing", factual), ("other", other)):
             after = model.predict(images)
             cols = row_scores(before, after, edit, factual_state=state)
             summary = summarize_scores(cols)
-            picked = rng.choice(np.flatnonzero(needs), n_real, replace=False)
+            # the set keeps its subjects' other attributes: the reference and the real sample are matched to them
+            distance, baseline, n_real = matched_realism(
+                after["features"][needs], cov[needs], ref_features, ref_cov,
+                before["features"][donors], cov[donors], seed=seed)
             rows.append({
                 "set": set_name,
                 "edit": ",".join(f"{k}={v}" for k, v in edit.items()),
@@ -91,10 +97,10 @@ def calibration_table(
                                                     for i in np.flatnonzero(needs)])),
                 "ssim_to_input": float(np.mean([ssim(factual[i], images[i]) for i in np.flatnonzero(needs)])),
                 "l1_to_truth": float(np.mean([l1(truth[i], images[i]) for i in np.flatnonzero(needs)])),
-                "realism_distance": frechet_distance(after["features"][picked], ref_target),
+                "realism_distance": distance,
                 "realism_real_baseline": baseline,
                 "realism_n": n_real,
-                "realism_reference_n": int(len(ref_target)),
+                "realism_reference_n": int(len(ref_features)),
             })
     return rows
 

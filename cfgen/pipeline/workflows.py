@@ -118,7 +118,9 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
 
 
 def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str | None = None,
-                 splits: list[str] | None = ("test",)):
+                 splits: list[str] | None = ("test",), classifier_uri: str | None = None):
+    """Counterfactuals of `splits`, scored by the classifier (`classifier_uri`, else `classifier.pretrained`; none
+    leaves the classifier columns out) and, on phantoms, against the truth."""
     from cfgen.pipeline.generate import generate
 
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
@@ -129,7 +131,14 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
         from cfgen.tracking.runs import download_model
 
         model_uri = download_model(job.tracking, model_uri)
-    return generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job))
+    classifier_uri = classifier_uri or job.classifier.pretrained
+    if classifier_uri and job.metrics.enabled:
+        from cfgen.classify.store import load_classifier
+
+        # a missing or mismatched classifier fails here, before any editing; the actors load it by the same URI
+        load_classifier(classifier_uri, job.storage, job.tracking, architecture=job.classifier.architecture)
+    return generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job),
+                    classifier_uri=classifier_uri)
 
 
 def run_demo(job: JobConfig) -> dict[str, Any]:
@@ -145,7 +154,11 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
     job.data.manifest_uri = phantoms["manifest_parquet"]
     ingested = ingest(job)
     trained = run_train(job, ingested.decoded_uri)
-    generated = run_generate(job, trained["model_uri"], ingested.decoded_uri)
+    from cfgen.pipeline.classify import run_classify
+
+    classified = run_classify(job, ingested.decoded_uri)
+    generated = run_generate(job, trained["model_uri"], ingested.decoded_uri,
+                             classifier_uri=classified["classifier_uri"])
     import pandas as pd
     import pyarrow.parquet as pq
 
@@ -162,9 +175,12 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
         "final training loss": f"{trained['metrics'].get('loss', float('nan')):.4f}",
         "model": trained["model_uri"],
         "MLflow run": f"{trained['run_id']} ({job.tracking.tracking_uri})",
+        "classifier": f"{job.classifier.architecture}, {job.classifier.train.epochs} epochs on "
+                      f"{classified['evaluation']['n_train']} images, {classified['classifier_uri']}",
         "editing": f"DDIM inversion + regeneration, {job.edit.num_inference_steps} steps",
         "counterfactual rows": generated.rows_written,
         "wall time (s)": f"{time.time() - started:.0f}",
     }
-    report = write_report(job, generated.results_uri, facts=facts, errors=errors)
+    report = write_report(job, generated.results_uri, facts=facts, errors=errors,
+                          classifier=classified["evaluation"])
     return {"report": report, "results_uri": generated.results_uri, **facts}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from cfgen.io.storage import join_uri, pyarrow_filesystem, read_bytes, write_byt
 
 METRIC_COLUMNS = (
     "cf_error_l1", "identity_error_l1", "effect_ratio", "l1_factual_counterfactual", "reconstruction_l1",
-    "autoencoder_l1",
+    "autoencoder_l1", "null_ssim", "l1_outside_region", "reversibility_l1",
 )
 
 _STYLE = """
@@ -39,7 +40,8 @@ def read_results(results_uri: str, job: JobConfig) -> pd.DataFrame:
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Per edit: rows, how many edits change the true attributes (phantoms), the mean of each metric over those
-    (over all rows where the truth is unknown), and how often the counterfactual beats doing nothing."""
+    (over all rows where the truth is unknown), how often the counterfactual beats doing nothing, and what the
+    attribute classifier reads (flip rate toward the target, mean shift, largest off-target shift, realism)."""
     present = [c for c in METRIC_COLUMNS if c in results.columns]
     effective = results.get("edit_changes_truth", pd.Series(np.nan, index=results.index))
     scored = results[(effective == 1) | effective.isna()]
@@ -49,7 +51,47 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     if {"cf_error_l1", "identity_error_l1"} <= set(results.columns):
         beats = scored["cf_error_l1"] < scored["identity_error_l1"]
         table["cf_beats_identity"] = beats.groupby(scored["edit_name"]).mean()
+    if "clf_needs_change" in results.columns:
+        clf = pd.DataFrame([classifier_summary(group) for _, group in results.groupby("edit_name")],
+                           index=[name for name, _ in results.groupby("edit_name")])
+        table = table.join(clf)
     return table.reset_index()
+
+
+def classifier_summary(rows: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """The classifier's reading of one edit's rows: over the rows whose factual state differs from the target,
+    the flip rate, the mean shift toward the target, the largest mean off-target shift, and the realism distance
+    of their counterfactuals' features to real images already at the target (with the real-vs-real baseline)."""
+    from cfgen.metrics.effectiveness import summarize_scores
+    from cfgen.metrics.realism import realism_against
+
+    needs = rows["clf_needs_change"] == 1
+    cols = {"needs_change": needs.to_numpy(), "reached_target": rows["clf_reached_target"].to_numpy(),
+            "target_shift": rows["clf_target_shift"].to_numpy()}
+    edited = json.loads(rows["edit"].iloc[0])
+    heads = [c.removeprefix("p_after__") for c in rows.columns if c.startswith("p_after__")]
+    for head in heads:
+        if head not in edited:
+            cols[f"shift__{head}"] = (rows[f"p_after__{head}"] - rows[f"p_before__{head}"]).to_numpy()
+    summary = summarize_scores(cols)
+    out = {"clf_flip_rate": summary["flip_rate"], "clf_mean_target_shift": summary["mean_target_shift"],
+           "clf_max_off_target_shift": summary["max_off_target_shift"]}
+    if "counterfactual_features" in rows.columns and len(edited) == 1:
+        (name, value), = edited.items()
+        from cfgen.metrics.effectiveness import target_value
+
+        at_target = rows["factual_state"] == target_value(name, value)
+        cf = np.stack(rows.loc[needs, "counterfactual_features"].to_numpy()) if needs.any() else np.zeros((0, 1))
+        real = np.stack(rows.loc[at_target, "factual_features"].to_numpy()) if at_target.any() else np.zeros((0, 1))
+        # matched on the other attributes (the counterfactuals keep their subjects'): labels, else the reads
+        from cfgen.classify.labels import matching_covariates
+
+        reads = {h: rows[f"p_before__{h}"].to_numpy(np.float64) for h in heads}
+        cov = matching_covariates(reads, rows, name)
+        distance, baseline, n = realism_against(real, cf, seed=seed, real_covariates=cov[at_target.to_numpy()],
+                                                generated_covariates=cov[needs.to_numpy()])
+        out.update(clf_realism_fd=distance, clf_realism_real_baseline=baseline, clf_realism_n=n)
+    return out
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -65,14 +107,46 @@ def _table(frame: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def classifier_section(evaluation: dict[str, Any]) -> str:
+    """Held-out performance of the attribute classifier every clf_* figure is read off."""
+    rows = []
+    for name, v in evaluation["attributes"].items():
+        if "auroc" in v:
+            rows.append({"attribute": name, "n": v["n"], "positives": v["positives"], "AUROC": v["auroc"],
+                         "95% CI": f"{v['auroc_ci_low']:.3f}-{v['auroc_ci_high']:.3f}",
+                         "temperature": evaluation.get("calibration", {}).get(name, {}).get("temperature", 1.0)})
+        else:
+            rows.append({"attribute": f"{name} (MAE, years)", "n": v["n"], "positives": "", "AUROC": v["mae_years"],
+                         "95% CI": "", "temperature": ""})
+    note = (f"<p class=note>{evaluation.get('architecture', '')} trained on {evaluation.get('n_train')} images, "
+            f"temperatures fitted on {evaluation.get('n_validate')} validate images, scored on "
+            f"{evaluation.get('n_test')} test images (bootstrap 95% CI); uncertain labels: "
+            f"{evaluation.get('uncertain_policy')}.</p>")
+    return "<h2>Attribute classifier</h2>" + note + _table(pd.DataFrame(rows))
+
+
+def calibration_section(rows: list[dict[str, Any]]) -> str:
+    """The instrument read on true, do-nothing and other-subject counterfactuals (phantoms)."""
+    keep = ["set", "edit", "n", "flip_rate", "mean_target_shift", "max_off_target_shift", "off_target_attribute",
+            "l1_outside_region", "ssim_to_input", "realism_distance", "realism_real_baseline", "realism_n"]
+    frame = pd.DataFrame(rows)[keep]
+    return ("<h2>Instrument calibration</h2><p class=note>true: the phantom's true counterfactual; nothing: the "
+            "input itself; other: another subject with the target attribute. A sound instrument reads true as "
+            "flipped with no off-target shift and real-looking, nothing as unflipped, other as flipped but far from "
+            "the input.</p>" + _table(frame))
+
+
 def write_report(
     job: JobConfig,
     results_uri: str,
     facts: dict[str, Any] | None = None,
     errors: pd.DataFrame | None = None,
     max_examples: int = 12,
+    classifier: dict[str, Any] | None = None,
+    calibration: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Write `<output_uri>/report.html` and return its URI."""
+    """Write `<output_uri>/report.html` and return its URI. `classifier`: the classifier's evaluation (held-out
+    AUROC, age MAE); `calibration`: the instrument's calibration table (`cfgen.pipeline.instrument`)."""
     results = read_results(results_uri, job)
     summary = summarize(results) if len(results) else pd.DataFrame()
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>cfgen report</title><style>{_STYLE}</style>"
@@ -85,6 +159,10 @@ def write_report(
         if len(errors):
             counts = errors.assign(kind=errors["reason"].str.split(":").str[0]).groupby(["stage", "kind"]).size()
             parts.append(_table(counts.rename("rows").reset_index()))
+    if classifier:
+        parts.append(classifier_section(classifier))
+    if calibration:
+        parts.append(calibration_section(calibration))
     parts.append(
         "<h2>Edits</h2><p class=note>Means over the edits that change the phantom's true attributes "
         "(rows_changing_truth: a null edit, such as removing a device from a patient without one, is left out); "
@@ -92,8 +170,13 @@ def write_report(
         "(phantoms only); identity_error_l1: the same error for the unedited image, the baseline a useful edit must "
         "beat; effect_ratio: the edit's mean change where the truth changes, over the true change (1 = the true "
         "effect, 0 = none); reconstruction_l1: the null edit (invert, regenerate with the factual prompt) against the input; "
-        "autoencoder_l1: the VAE alone, decode(encode(image)), a floor under every other error. Intensities in "
-        "[0,1].</p>"
+        "autoencoder_l1: the VAE alone, decode(encode(image)), a floor under every other error; null_ssim: "
+        "SSIM of the null edit to the input; l1_outside_region: the change outside the edit region (the true change "
+        "on phantoms, the lung mask elsewhere); reversibility_l1: edit, then edit back, against the input. clf_*: "
+        "the attribute classifier's reading over the rows whose factual state differs from the target: flip rate "
+        "toward it, mean calibrated shift toward it, the largest mean shift of another attribute, and realism as "
+        "the Frechet distance on the classifier's features to real images at the target, beside the distance of "
+        "a real sample of the same size (clf_realism_real_baseline). Intensities in [0,1].</p>"
     )
     parts.append(_table(summary) if len(summary) else "<p>No rows were generated.</p>")
     parts.append("<h2>Examples</h2><p class=note>factual | counterfactual | true counterfactual (grey when "
