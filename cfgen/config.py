@@ -181,9 +181,18 @@ class TrainConfig(_Section):
 
 
 class EditConfig(_Section):
-    method: Literal["ddim"] = "ddim"
+    """How counterfactuals are made (`cfgen.editing.engine`)."""
+
+    method: Literal["ddim", "sdedit"] = Field("ddim", description="ddim: invert + regenerate; sdedit: noise to "
+                                                                  "`strength`, then denoise")
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(1.0, ge=1.0)
+    strength: float = Field(0.6, gt=0, le=1, description="SDEdit: how far up the noise schedule the image goes")
+    composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
+                                              "own pixels wherever the edit changes nothing")
+    confine: Literal["none", "mask"] = Field("none", description="'mask': edit only inside the row's mask_uri "
+                                                                 "(e.g. a lung segmentation), grown by mask_dilation")
+    mask_dilation: int = Field(2, ge=0, description="pixels the confining mask is grown by")
     edits: list[dict[str, Any]] = [{"support_devices": 0}, {"pleural_effusion": 1}]
     seed: int = 0
     batch_size: int = Field(16, ge=1)

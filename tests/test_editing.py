@@ -1,11 +1,13 @@
-"""DDIM inversion and regeneration."""
+"""The editing engine: exact inversions, counted UNet work, compositing and confinement, determinism."""
 
 import numpy as np
 import pytest
 import torch
 
 from cfgen.config import ModelConfig
-from cfgen.editing.ddim import ddim_counterfactuals, ddim_invert, ddim_sample
+from cfgen.editing.counting import CountingUNet
+from cfgen.editing.ddim import ddim_invert, ddim_sample
+from cfgen.editing.engine import counterfactuals, keep_input_outside_change
 from cfgen.models.sd import build_tiny_pipeline
 
 
@@ -21,30 +23,112 @@ def pipe():
     return build_tiny_pipeline(ModelConfig(), seed=0)
 
 
+FACTUAL = ["a chest x-ray with support devices"] * 2
+EDITS = [["a chest x-ray without support devices"] * 2, ["a chest x-ray with pleural effusion"] * 2]
+
+
+def _images(seed=1, n=2):
+    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64), dtype=np.uint8)
+
+
 def test_invert_then_denoise_is_exact_with_zero_noise_prediction(pipe):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = torch.zeros(2, 77, 32)
-    noisy = ddim_invert(ZeroUNet(), pipe.scheduler, latents, cond, 25)
+    trajectory = []
+    noisy = ddim_invert(ZeroUNet(), pipe.scheduler, latents, cond, 25, trajectory=trajectory)
     assert (noisy - latents).abs().max() > 0.1  # inversion really moved the latent up the trajectory
+    assert len(trajectory) == 26 and torch.equal(trajectory[0], latents) and torch.equal(trajectory[-1], noisy)
     back = ddim_sample(ZeroUNet(), pipe.scheduler, noisy, cond, 25)
     assert torch.allclose(back, latents, atol=1e-5)
+    # blending with the trajectory everywhere (an empty mask) walks back down the trajectory exactly too
+    kept = ddim_sample(ZeroUNet(), pipe.scheduler, noisy, cond, 25, source=trajectory,
+                       latent_mask=torch.zeros(2, 1, 16, 16))
+    assert torch.equal(kept, latents)
 
 
-def test_counterfactuals_are_deterministic_and_counted(pipe):
-    images = np.random.default_rng(1).integers(0, 256, (2, 64, 64), dtype=np.uint8)
-    factual = ["a chest x-ray with support devices"] * 2
-    edits = [["a chest x-ray without support devices"] * 2, ["a chest x-ray with pleural effusion"] * 2]
-    first = ddim_counterfactuals(pipe, images, factual, edits, 4, with_reconstruction=True)
-    second = ddim_counterfactuals(pipe, images, factual, edits, 4, with_reconstruction=True)
-    assert len(first.counterfactuals) == 2
-    for a, b in zip(first.counterfactuals, second.counterfactuals):
-        assert np.array_equal(a, b)
-    # one shared inversion + two edits + the null edit, 4 steps each, no guidance
-    assert first.unet_evaluations == (1 + 2 + 1) * 4
-    assert first.counterfactuals[0].shape == (2, 64, 64)
+@pytest.mark.parametrize("method", ["ddim", "sdedit"])
+def test_engine_counts_what_the_unet_really_evaluated(pipe, method):
+    calls = []
+    original = pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    pipe.unet.forward = spy
+    try:
+        result = counterfactuals(pipe, _images(), FACTUAL, EDITS, method=method, num_inference_steps=5,
+                                 strength=0.6, guidance_scale=2.0)
+    finally:
+        del pipe.unet.forward
+    assert result.unet_forward_per_image * 2 == sum(calls)
+    assert result.unet_forward == pytest.approx(sum(calls) / 4)  # 2 images x 2 edits
+    expected = (1 + 2 + 1) * 5 * 2 if method == "ddim" else (2 + 1) * 3 * 2  # guidance doubles every row
+    assert result.unet_forward_per_image == expected
+    assert result.unet_backward == 0
 
 
-def test_guidance_doubles_the_evaluations(pipe):
-    images = np.zeros((1, 64, 64), dtype=np.uint8)
-    result = ddim_counterfactuals(pipe, images, ["a chest x-ray"], [["a chest x-ray"]], 3, guidance_scale=3.0)
-    assert result.unet_evaluations == 2 * 2 * 3
+def test_counting_wrapper_counts_rows_forward_and_backward():
+    class Lin(torch.nn.Module):
+        def forward(self, sample, t, encoder_hidden_states=None):
+            return sample * encoder_hidden_states.mean()
+
+    counter = CountingUNet(Lin())
+    x = torch.ones(3, 1)
+    with torch.no_grad():
+        counter(x, 0, encoder_hidden_states=torch.ones(3, 2))
+    emb = torch.ones(3, 2, requires_grad=True)
+    counter(x, 0, encoder_hidden_states=emb).sum().backward()
+    assert (counter.forward_rows, counter.backward_rows) == (6, 3)
+
+
+def test_compositing_keeps_the_input_where_the_edit_changes_nothing():
+    image = _images(3, 1).astype(np.float32) / 255
+    null = np.clip(image + 0.05, 0, 1)  # an autoencoder that brightens everything
+    edited = null.copy()
+    edited[:, 10:20, 10:20] += 0.3  # the edit's own change
+    out = keep_input_outside_change(image, edited, null, composite=True, mask=None)
+    outside = np.ones_like(image, bool)
+    outside[:, 10:20, 10:20] = False
+    assert np.abs(out - image)[outside].max() < 1e-6
+    assert np.allclose((out - image)[~outside], np.clip(image + 0.3, 0, 1)[~outside] - image[~outside], atol=1e-6)
+    assert np.abs(keep_input_outside_change(image, edited, null, False, None) - image)[outside].mean() > 0.04
+
+
+def test_mask_confined_edit_leaves_pixels_outside_the_mask_as_they_were(pipe):
+    images = _images(4)
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[:, 16:40, 8:30] = 1.0
+    for method in ("ddim", "sdedit"):
+        for composite in (True, False):
+            result = counterfactuals(pipe, images, FACTUAL, EDITS, method=method, num_inference_steps=3,
+                                     composite=composite, masks=masks, seeds=[11, 12])
+            for cf in result.counterfactuals:
+                assert np.abs(cf - images / 255.0)[masks == 0].max() < 1e-6
+
+
+def test_counterfactuals_do_not_depend_on_the_batch_they_were_made_in(pipe):
+    images = _images(5, 3)
+    prompts = ["a chest x-ray of a patient, smoker", "a chest x-ray", "a chest x-ray with cardiomegaly"]
+    edits = [["a chest x-ray of a patient, non-smoker"] * 3]
+    for method in ("ddim", "sdedit"):
+        whole = counterfactuals(pipe, images, prompts, edits, method=method, num_inference_steps=3, seeds=[7, 8, 9])
+        alone = counterfactuals(pipe, images[1:2], prompts[1:2], [edits[0][1:2]], method=method,
+                                num_inference_steps=3, seeds=[8])
+        np.testing.assert_allclose(whole.counterfactuals[0][1], alone.counterfactuals[0][0], atol=2e-5)
+        again = counterfactuals(pipe, images, prompts, edits, method=method, num_inference_steps=3, seeds=[7, 8, 9])
+        assert np.array_equal(whole.counterfactuals[0], again.counterfactuals[0])
+
+
+def test_the_null_edit_is_the_input_after_compositing(pipe):
+    images = _images(6)
+    result = counterfactuals(pipe, images, FACTUAL, [FACTUAL], num_inference_steps=3)
+    np.testing.assert_allclose(result.counterfactuals[0], images / 255.0, atol=1e-6)
+    assert np.abs(result.null_edit - images / 255.0).mean() > 0.01  # the raw reconstruction is not
+
+
+def test_unknown_method_and_bad_strength_are_clear_errors(pipe):
+    with pytest.raises(ValueError, match="unknown editing method"):
+        counterfactuals(pipe, _images(), FACTUAL, EDITS, method="magic")
+    with pytest.raises(ValueError, match="strength"):
+        counterfactuals(pipe, _images(), FACTUAL, EDITS, method="sdedit", strength=0.0)

@@ -172,3 +172,32 @@ def test_measure_stage_reads_each_row_with_the_classifier_and_names_what_it_cann
     assert out["null_ssim"] == pytest.approx([1.0, 1.0])
     assert out["l1_outside_region"][0] < 1e-6  # the true counterfactual changes nothing outside its region
     assert np.isfinite(out["p_after__sex"]).all()
+
+
+def test_counterfactual_stage_confines_each_edit_to_the_rows_lung_mask(tmp_path):
+    """The editing stage as a plain callable on a phantom batch: with `edit.confine: mask` every counterfactual
+    equals the input outside its (grown) lung mask, and a row without a mask is edited everywhere and says so."""
+    from cfgen.config import JobConfig, ModelConfig
+    from cfgen.models.sd import build_tiny_pipeline, save_pipeline
+    from cfgen.pipeline.generate import CounterfactualStage
+
+    save_pipeline(build_tiny_pipeline(ModelConfig(), seed=0), str(tmp_path / "sd"))
+    cfg, rows = _phantom_rows(tmp_path, n=3)
+    decoded = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(rows)
+    decoded = decoded.set_column(decoded.schema.get_field_index("mask_uri"), "mask_uri",
+                                 pa.array(list(rows["mask_uri"][:2]) + [None], pa.string()))
+    job = JobConfig.model_validate({"edit": {"num_inference_steps": 2, "confine": "mask", "mask_dilation": 1,
+                                             "edits": [{"support_devices": 0}]}})
+    out = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"))(decoded)
+    images, cfs = tensor_column(out, "image"), tensor_column(out, "counterfactual")
+    confined = out["confined"].to_pylist()
+    assert confined == [True, True, False]
+    from scipy.ndimage import binary_dilation
+    from PIL import Image
+
+    for i in range(2):
+        lungs = np.asarray(Image.open(rows["mask_uri"][i])) > 127
+        outside = ~binary_dilation(lungs, iterations=1)
+        assert outside.any() and np.array_equal(cfs[i][outside], images[i][outside])
+    assert out["method"].to_pylist() == ["ddim"] * 3
+    assert out["unet_evaluations"].to_pylist() == [(1 + 1 + 1) * 2] * 3

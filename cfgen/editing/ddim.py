@@ -2,19 +2,17 @@
 
 `ddim_invert` walks a clean latent up the deterministic DDIM trajectory conditioned on the factual prompt;
 `ddim_sample` walks back down conditioned on the counterfactual prompt. With the same prompt and a zero noise
-prediction the round trip is exact, which the tests check. Cost: 2 x steps UNet evaluations per image (x2 again
-with classifier-free guidance).
+prediction the round trip is exact, which the tests check. `ddim_edit` is the engine's method: one inversion
+shared by every edit of an image and its null edit, so k edits cost (1 + k + 1) x steps UNet evaluations per
+image (x2 with classifier-free guidance).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
-from cfgen.models.sd import decode_latents, encode_images, encode_prompts
+from cfgen.models.sd import encode_prompts
 
 
 def _noise_prediction(
@@ -41,13 +39,19 @@ def ddim_invert(
     num_inference_steps: int,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    trajectory: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x_0 -> x_T along the DDIM trajectory of `cond` (deterministic)."""
+    """x_0 -> x_T along the DDIM trajectory of `cond` (deterministic). With `trajectory` (a list), every latent
+    from x_0 to x_T is appended to it: mask-confined editing blends with it."""
     inverse = DDIMInverseScheduler.from_config(scheduler.config)
     inverse.set_timesteps(num_inference_steps, device=latents.device)
+    if trajectory is not None:
+        trajectory.append(latents)
     for t in inverse.timesteps:
         eps = _noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
         latents = inverse.step(eps, t, latents).prev_sample
+        if trajectory is not None:
+            trajectory.append(latents)
     return latents
 
 
@@ -60,54 +64,39 @@ def ddim_sample(
     num_inference_steps: int,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    start_step: int = 0,
+    source: list[torch.Tensor] | None = None,
+    latent_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x_T -> x_0 with DDIM (eta = 0, so no randomness)."""
+    """x_T -> x_0 with DDIM (eta = 0, so no randomness), from step `start_step` of the schedule (SDEdit starts
+    part-way). With `source` (the inversion trajectory, x_0 first) and `latent_mask` [B,1,h,w] in [0,1], every
+    step keeps the source latent outside the mask (RadEdit-style confinement): only the masked region is edited."""
     forward = DDIMScheduler.from_config(scheduler.config)
     forward.set_timesteps(num_inference_steps, device=latents.device)
-    for t in forward.timesteps:
+    timesteps = forward.timesteps[start_step:]
+    for k, t in enumerate(timesteps, start=start_step):
         eps = _noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
         latents = forward.step(eps, t, latents, eta=0.0).prev_sample
+        if source is not None and latent_mask is not None:
+            # after step k the sample sits at the inversion's level num_inference_steps - 1 - k
+            kept = source[num_inference_steps - 1 - k]
+            latents = latent_mask * latents + (1 - latent_mask) * kept
     return latents
 
 
-@dataclass
-class EditResult:
-    counterfactuals: list[np.ndarray]  # one float32 [B,H,W] in [0,1] per edit
-    reconstruction: np.ndarray | None  # the null edit (factual prompt), when asked for
-    unet_evaluations: int  # per image, all edits together
-    autoencoded: np.ndarray | None = None  # decode(encode(image)): the VAE's share of any edit's error
-
-
-def ddim_counterfactuals(
-    pipe: StableDiffusionPipeline,
-    images: np.ndarray,
-    factual_prompts: list[str],
-    counterfactual_prompts: list[list[str]],
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
-    with_reconstruction: bool = False,
-    with_autoencoded: bool = False,
-) -> EditResult:
-    """Invert each image once with its own prompt, then regenerate it with each edited prompt list.
-
-    The inversion is shared by every edit of an image (it depends only on image, factual prompt and model), so
-    k edits cost (1 + k) x steps UNet evaluations instead of 2k x steps. Deterministic given (image, prompts,
-    steps, model): DDIM with eta=0 draws no noise.
-    """
-    latents = encode_images(pipe, images)
+@torch.no_grad()
+def ddim_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfactual_prompts: list[list[str]],
+              num_inference_steps: int, guidance_scale: float = 1.0, latent_mask: torch.Tensor | None = None):
+    """(edited latents per prompt list, null-edit latents): one inversion with the factual prompt, shared by every
+    edit and the null edit; with `latent_mask`, sampling keeps the inversion trajectory outside it."""
     cond_f = encode_prompts(pipe, factual_prompts)
-    uncond = encode_prompts(pipe, [""] * len(images)) if guidance_scale != 1.0 else None
-    per_pass = 2 if uncond is not None else 1
-    x_t = ddim_invert(pipe.unet, pipe.scheduler, latents, cond_f, num_inference_steps, uncond, guidance_scale)
-    outputs = []
-    for prompts in counterfactual_prompts:
-        cond_cf = encode_prompts(pipe, prompts)
-        x_cf = ddim_sample(pipe.unet, pipe.scheduler, x_t, cond_cf, num_inference_steps, uncond, guidance_scale)
-        outputs.append(decode_latents(pipe, x_cf))
-    recon = None
-    if with_reconstruction:
-        x_rec = ddim_sample(pipe.unet, pipe.scheduler, x_t, cond_f, num_inference_steps, uncond, guidance_scale)
-        recon = decode_latents(pipe, x_rec)
-    n_samples = len(counterfactual_prompts) + int(with_reconstruction)
-    autoencoded = decode_latents(pipe, latents) if with_autoencoded else None
-    return EditResult(outputs, recon, (1 + n_samples) * num_inference_steps * per_pass, autoencoded)
+    uncond = encode_prompts(pipe, [""] * len(latents)) if guidance_scale != 1.0 else None
+    trajectory: list[torch.Tensor] | None = [] if latent_mask is not None else None
+    x_t = ddim_invert(pipe.unet, pipe.scheduler, latents, cond_f, num_inference_steps, uncond, guidance_scale,
+                      trajectory=trajectory)
+
+    def run(cond):
+        return ddim_sample(pipe.unet, pipe.scheduler, x_t, cond, num_inference_steps, uncond, guidance_scale,
+                           source=trajectory, latent_mask=latent_mask)
+
+    return [run(encode_prompts(pipe, p)) for p in counterfactual_prompts], run(cond_f)

@@ -58,7 +58,7 @@ class CounterfactualStage:
         self.pipe = load_pipeline(model_uri, self.job.storage, device=device, dtype=dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cfgen.editing.ddim import ddim_counterfactuals
+        from cfgen.editing.engine import counterfactuals
 
         edit: EditConfig = self.job.edit
         prompt: PromptConfig = self.job.data.prompt
@@ -67,40 +67,71 @@ class CounterfactualStage:
         rows = meta.to_pylist()
         factual = [str(r["prompt"]) for r in rows]
         cf_prompts = [[counterfactual_prompt(r, e, prompt) for r in rows] for e in edit.edits]
-        result = ddim_counterfactuals(
-            self.pipe,
-            images,
-            factual,
-            cf_prompts,
-            edit.num_inference_steps,
-            edit.guidance_scale,
-            with_reconstruction=True,
-            with_autoencoded=True,
-        )
+        masks, confined = self.masks(rows) if edit.confine == "mask" else (None, [False] * len(rows))
+        settings = dict(method=edit.method, num_inference_steps=edit.num_inference_steps,
+                        guidance_scale=edit.guidance_scale, strength=edit.strength, composite=edit.composite,
+                        masks=masks, seeds=[edit_seed(r["image_id"], edit.seed) for r in rows])
+        result = counterfactuals(self.pipe, images, factual, cf_prompts, **settings)
         n, k = len(rows), len(edit.edits)
         out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
         extra: dict[str, Any] = {}
         if self.job.metrics.reversibility:
-            # edit back: invert the counterfactual with its own prompt, regenerate with the factual prompt
-            backs = [ddim_counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], edit.num_inference_steps,
-                                          edit.guidance_scale) for cf, prompts in zip(result.counterfactuals,
-                                                                                      cf_prompts)]
+            # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual
+            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **settings)
+                     for cf, prompts in zip(result.counterfactuals, cf_prompts)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         added = typed_table({
             "image": np.tile(_to_uint8(as_unit_float(images)), (k, 1, 1)),
-            "reconstruction": np.tile(_to_uint8(result.reconstruction), (k, 1, 1)),
+            "reconstruction": np.tile(_to_uint8(result.null_edit), (k, 1, 1)),
             "autoencoded": np.tile(_to_uint8(result.autoencoded), (k, 1, 1)),
             "counterfactual": np.concatenate([_to_uint8(c) for c in result.counterfactuals]),
             "edit": [json.dumps(e, sort_keys=True) for e in edit.edits for _ in range(n)],
             "edit_name": [edit_name(e) for e in edit.edits for _ in range(n)],
             "counterfactual_prompt": [p for prompts in cf_prompts for p in prompts],
             "seed": np.full(n * k, edit.seed, dtype=np.int64),
+            "method": [edit.method] * (n * k),
+            "composited": np.full(n * k, edit.composite),
+            "confined": np.tile(np.asarray(confined, dtype=bool), k),
             "model_uri": [self.model_uri] * (n * k),
-            "unet_evaluations": np.full(n * k, result.unet_evaluations, dtype=np.int64),
+            "unet_evaluations": np.full(n * k, result.unet_forward_per_image, dtype=np.int64),
+            "unet_forward": np.full(n * k, result.unet_forward, dtype=np.float64),
+            "unet_backward": np.full(n * k, result.unet_backward, dtype=np.float64),
             "num_inference_steps": np.full(n * k, edit.num_inference_steps, dtype=np.int64),
             **extra,
         })
         return append_columns(out, added)
+
+    def masks(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[bool]]:
+        """The rows' masks (mask_uri, decoded like the images, grown by edit.mask_dilation) and which rows had one;
+        a row without a readable mask is edited everywhere and says so in its `confined` column."""
+        from scipy.ndimage import binary_dilation
+
+        from cfgen.io.preprocess import decode_and_preprocess
+        from cfgen.io.storage import read_bytes
+
+        size = self.job.data.decode.size
+        masks = np.ones((len(rows), size, size), dtype=np.float32)
+        confined = []
+        for i, row in enumerate(rows):
+            uri = row.get("mask_uri")
+            try:
+                mask, _ = decode_and_preprocess(read_bytes(uri, self.job.storage), self.job.data.decode, uri=uri)
+            except Exception:  # noqa: BLE001 - no mask: this row is edited everywhere, and the row says so
+                confined.append(False)
+                continue
+            region = as_unit_float(mask) > 0.5
+            if self.job.edit.mask_dilation:
+                region = binary_dilation(region, iterations=self.job.edit.mask_dilation)
+            masks[i] = region
+            confined.append(True)
+        return masks, confined
+
+
+def edit_seed(image_id: Any, seed: int) -> int:
+    """The noise seed of one image's edits: a hash of (image id, edit seed), so it never depends on the batch."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{image_id}|{seed}".encode()).hexdigest()[:8], 16)
 
 
 class MeasureStage:
