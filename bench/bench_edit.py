@@ -36,6 +36,7 @@ VARIANTS = [
 
 def load_test_rows(decoded_uri: str, n: int):
     import pyarrow.dataset as pds
+    import ray.data  # noqa: F401 - registers Ray's tensor type, which the decoded shards' image column uses
 
     from cfgen.pipeline.data import tensor_column
 

@@ -21,8 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-EDITS = [{"support_devices": 0}, {"pleural_effusion": 1}, {"cardiomegaly": 1}, {"smoking": 1}]
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -32,13 +30,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from cfgen.config import load_config
-    from cfgen.phantoms.scm import PhantomSCM
-    from cfgen.pipeline.classify import run_classify, split_arrays
+    from cfgen.pipeline.classify import run_classify
     from cfgen.pipeline.ingest import ingest
-    from cfgen.pipeline.instrument import calibration_table, check_calibration
+    from cfgen.pipeline.instrument import check_calibration, phantom_calibration
     from cfgen.pipeline.runtime import init_ray
-    from cfgen.pipeline.workflows import phantom_config_for, run_phantoms
-    from cfgen.classify.store import load_classifier
+    from cfgen.pipeline.workflows import run_phantoms
 
     started = time.time()
     job = load_config(args.config, args.overrides)
@@ -47,11 +43,7 @@ def main() -> int:
     job.data.manifest_uri = phantoms["manifest_parquet"]
     ingested = ingest(job)
     classified = run_classify(job, ingested.decoded_uri)
-    model = load_classifier(classified["classifier_uri"], job.storage, job.tracking)
-    scm = PhantomSCM(phantom_config_for(job))
-    test = split_arrays(job, ingested.decoded_uri, "test", extra=("phantom_index",))
-    reference = split_arrays(job, ingested.decoded_uri, "validate", extra=("phantom_index",))
-    rows = calibration_table(model, scm, test, reference, EDITS, job.data.decode, seed=job.classifier.train.seed)
+    rows = phantom_calibration(job, classified["classifier_uri"], ingested.decoded_uri)
     problems = check_calibration(rows)
     evaluation = classified["evaluation"]
     auroc = {a: v["auroc"] for a, v in evaluation["attributes"].items() if "auroc" in v}

@@ -38,7 +38,7 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert (results["unet_evaluations"] == (1 + 2 + 1) * 4).all()
 
     # the metric stage: the classifier read every row, and the report shows the instrument
-    assert "Attribute classifier" in html and "clf_flip_rate" in html
+    assert "Attribute classifier" in html and "clf_flip_rate" in html and "Instrument calibration" in html
     assert results["metric_error"].isna().all()
     for column in ("clf_target_before", "clf_target_after", "p_after__pleural_effusion", "null_ssim"):
         assert results[column].notna().all(), column

@@ -151,3 +151,40 @@ def test_matched_realism_removes_a_population_difference_that_is_not_unrealism()
     assert np.average(r_cov[:, 0], weights=w) == pytest.approx(g_cov.mean(), abs=0.02)
     fake = generated + 2.0  # unrealistic: shifted off every real population
     assert matched_realism(fake, g_cov, reference, r_cov, pool, p_cov)[0] > 5 * base_m
+
+
+def test_calibration_table_scores_truth_as_unchanged_outside_its_region_and_says_when_too_few():
+    """The instrument check on SCM-rendered phantoms with an untrained classifier: the table's structure and the
+    figures that do not depend on the classifier (the true counterfactual is the truth, doing nothing is the
+    input), and a row with a note where the split is too small for an edit."""
+    import torch
+
+    from cfgen.classify.network import AttributeClassifier, network_config
+    from cfgen.config import ClassifierConfig, DecodeConfig, PhantomConfig
+    from cfgen.phantoms.scm import PhantomSCM
+    from cfgen.phantoms.truth import true_counterfactual
+    from cfgen.pipeline.instrument import calibration_table, check_calibration
+
+    torch.manual_seed(0)
+    scm = PhantomSCM(PhantomConfig(n=60, size=64, seed=2))
+    decode = DecodeConfig(size=64)
+    model = AttributeClassifier(network_config(ClassifierConfig(
+        attributes=["support_devices", "smoking", "sex"], init_features=8, growth_rate=4, block_config=[2, 2])))
+
+    def split(indices):
+        return {"image": np.stack([true_counterfactual(scm, i, {}, decode) for i in indices]),
+                "phantom_index": np.array(indices), "sex": np.array([scm.subject(i).sex for i in indices])}
+
+    rows = calibration_table(model, scm, split(list(range(30))), split(list(range(30, 60))),
+                             [{"support_devices": 0}, {"smoking": 1}], decode)
+    by = {(r["set"], r["edit"]): r for r in rows}
+    assert set(by) == {(s, e) for s in ("true", "nothing", "other") for e in ("support_devices=0", "smoking=1")}
+    true_dev = by[("true", "support_devices=0")]
+    assert true_dev["n"] == sum(scm.subject(i).support_devices for i in range(30))
+    assert true_dev["l1_to_truth"] == 0.0 and true_dev["l1_outside_region"] == 0.0
+    assert by[("nothing", "smoking=1")]["l1_to_input"] == 0.0 and by[("nothing", "smoking=1")]["mean_target_shift"] == 0.0
+    assert by[("other", "smoking=1")]["ssim_to_input"] < 0.95
+
+    tiny = calibration_table(model, scm, split([0, 1]), split(list(range(30, 60))), [{"support_devices": 0}], decode)
+    assert all(r["note"] and "too few" in r["note"] for r in tiny)
+    assert any("too few" in p for p in check_calibration(tiny))

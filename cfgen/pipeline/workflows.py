@@ -157,6 +157,9 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
     from cfgen.pipeline.classify import run_classify
 
     classified = run_classify(job, ingested.decoded_uri)
+    from cfgen.pipeline.instrument import phantom_calibration
+
+    calibration = phantom_calibration(job, classified["classifier_uri"], ingested.decoded_uri)
     generated = run_generate(job, trained["model_uri"], ingested.decoded_uri,
                              classifier_uri=classified["classifier_uri"])
     import pandas as pd
@@ -177,10 +180,11 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
         "MLflow run": f"{trained['run_id']} ({job.tracking.tracking_uri})",
         "classifier": f"{job.classifier.architecture}, {job.classifier.train.epochs} epochs on "
                       f"{classified['evaluation']['n_train']} images, {classified['classifier_uri']}",
-        "editing": f"DDIM inversion + regeneration, {job.edit.num_inference_steps} steps",
+        "editing": f"{job.edit.method}, {job.edit.num_inference_steps} steps, composite {job.edit.composite}, "
+                   f"confine {job.edit.confine}",
         "counterfactual rows": generated.rows_written,
         "wall time (s)": f"{time.time() - started:.0f}",
     }
     report = write_report(job, generated.results_uri, facts=facts, errors=errors,
-                          classifier=classified["evaluation"])
+                          classifier=classified["evaluation"], calibration=calibration)
     return {"report": report, "results_uri": generated.results_uri, **facts}

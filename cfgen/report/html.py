@@ -129,7 +129,8 @@ def calibration_section(rows: list[dict[str, Any]]) -> str:
     """The instrument read on true, do-nothing and other-subject counterfactuals (phantoms)."""
     keep = ["set", "edit", "n", "flip_rate", "mean_target_shift", "max_off_target_shift", "off_target_attribute",
             "l1_outside_region", "ssim_to_input", "realism_distance", "realism_real_baseline", "realism_n"]
-    frame = pd.DataFrame(rows)[keep]
+    frame = pd.DataFrame(rows)
+    frame = frame[keep + (["note"] if "note" in frame and frame["note"].astype(bool).any() else [])]
     return ("<h2>Instrument calibration</h2><p class=note>true: the phantom's true counterfactual; nothing: the "
             "input itself; other: another subject with the target attribute. A sound instrument reads true as "
             "flipped with no off-target shift and real-looking, nothing as unflipped, other as flipped but far from "
