@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--model", help="diffusers folder to edit with (default: <run>/models/finetuned)")
+    parser.add_argument("--variants", nargs="*", help="names of VARIANTS to run (default: all)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "edit.json"))
     args = parser.parse_args()
 
@@ -73,7 +75,7 @@ def main() -> int:
     torch.set_num_threads(2)
     job = load_config(args.config, [f"output_uri={args.run}"])
     run = Path(args.run)
-    pipe = load_pipeline(str(run / "models" / "finetuned"))
+    pipe = load_pipeline(args.model or str(run / "models" / "finetuned"))
     classifier = load_classifier(str(run / "models" / "classifier"))
     scm = PhantomSCM(PhantomConfig.model_validate_json((run / "phantoms" / "phantom_config.json").read_text()))
     rows, images = load_test_rows(str(run / "ingest" / "decoded"), args.n)
@@ -89,6 +91,8 @@ def main() -> int:
 
     results = []
     for name, settings in VARIANTS:
+        if args.variants and name not in args.variants:
+            continue
         confine = settings.pop("confine", False)
         outs, nulls, started, forward, backward = [[] for _ in EDITS], [], time.perf_counter(), 0.0, 0.0
         for s in range(0, len(rows), args.batch):
@@ -124,7 +128,8 @@ def main() -> int:
             })
         settings["confine"] = confine
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"run": args.run, "n_images": len(rows), "steps": args.steps,
+    Path(args.json).write_text(json.dumps({"run": args.run, "model": args.model, "n_images": len(rows),
+                                           "steps": args.steps,
                                            "rows": results}, indent=2))
     print("| method | edit | n | UNet fwd/cf | cf error | do-nothing | ratio | median effect | null SSIM | "
           "flip rate | off-target | cf/s |")

@@ -167,6 +167,9 @@ class TrainConfig(_Section):
     gradient_clipping: float = 1.0
     max_steps: int = Field(200, ge=1)
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="empty prompt rate, for classifier-free guidance")
+    train_text_encoder: bool = Field(False, description="train the text encoder with the UNet (a randomly "
+                                                        "initialised domain encoder must learn the words; PRISM "
+                                                        "freezes a pretrained CLIP)")
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     run_name: str = "cfgen-train"

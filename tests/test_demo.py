@@ -61,7 +61,7 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert version.run_id == run.info.run_id
     from cfgen.classify.store import load_classifier
 
-    assert client.get_model_version_by_alias("cfgen-classifier", "champion").version == "1"
+    assert int(client.get_model_version_by_alias("cfgen-classifier", "champion").version) == 1
     registered = load_classifier("models:/cfgen-classifier@champion", tracking=job.tracking)
     assert registered.attributes == job.classifier.attributes
 

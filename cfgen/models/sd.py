@@ -173,10 +173,14 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> np.n
     return tensor_to_images(x)
 
 
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+def token_ids(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Padded token ids [B, max_length] of `prompts`, on the text encoder's device."""
     tok = pipe.tokenizer
-    ids = tok(
+    return tok(
         list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    return pipe.text_encoder(token_ids(pipe, prompts))[0]

@@ -20,6 +20,7 @@ from cfgen.config import JobConfig, TrainConfig
 
 CHECKPOINT_TAG = "deepspeed"  # not "latest": DeepSpeed writes a file of that name beside the tag folder
 EXPORT_DIR = "unet"
+TEXT_ENCODER_DIR = "text_encoder"
 
 
 def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
@@ -44,8 +45,26 @@ def _dropout_prompts(prompts: list[str], rate: float, rng: np.random.Generator) 
     return [p if k else "" for p, k in zip(prompts, keep)]
 
 
+class ConditionedUNet(torch.nn.Module):
+    """UNet and text encoder as one trainable module (train.train_text_encoder): the prompt's token ids go in, so
+    DeepSpeed or DDP sees, partitions and reduces the text encoder's parameters with the UNet's. PRISM freezes CLIP
+    because CLIP is pretrained; a randomly initialised domain text encoder has to learn what the words mean."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, input_ids: torch.Tensor):
+        hidden = self.text_encoder(input_ids)[0]
+        return self.unet(sample, timestep, encoder_hidden_states=hidden.to(sample.dtype))
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.unet.save_pretrained(Path(folder))
+        self.text_encoder.save_pretrained(Path(folder).parent / TEXT_ENCODER_DIR)
+
+
 class _Model:
-    """The UNet under DeepSpeed or DDP behind one small interface."""
+    """The UNet (or `ConditionedUNet`) under DeepSpeed or DDP behind one small interface."""
 
     def __init__(self, unet: torch.nn.Module, train: TrainConfig, device: torch.device):
         self.train = train
@@ -126,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    from cfgen.models.sd import encode_images, encode_prompts, load_pipeline
+    from cfgen.models.sd import encode_images, encode_prompts, load_pipeline, token_ids
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -135,10 +154,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     pipe = load_pipeline(loop_config["base_model_uri"], job.storage, device=device)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(train.train_text_encoder)
     unet = pipe.unet
     unet.train()
-    model = _Model(unet, train, device)
+    if train.train_text_encoder:
+        pipe.text_encoder.train()
+        model = _Model(ConditionedUNet(unet, pipe.text_encoder), train, device)
+    else:
+        model = _Model(unet, train, device)
     scheduler = pipe.scheduler
 
     step = 0
@@ -165,12 +188,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             prompts = _dropout_prompts([str(p) for p in batch["prompt"]], train.prompt_dropout, rng)
             with torch.no_grad():
                 latents = encode_images(pipe, batch["image"])
-                text = encode_prompts(pipe, prompts)
+                text = None if train.train_text_encoder else encode_prompts(pipe, prompts)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
             t = t.to(device)
             noisy = scheduler.add_noise(latents, noise, t)
-            pred = model(noisy.to(model.dtype), t, encoder_hidden_states=text.to(model.dtype)).sample
+            if train.train_text_encoder:
+                pred = model(noisy.to(model.dtype), t, token_ids(pipe, prompts)).sample
+            else:
+                pred = model(noisy.to(model.dtype), t, encoder_hidden_states=text.to(model.dtype)).sample
             loss = F.mse_loss(pred.float(), noise)
             model.backward_and_step(loss)
             step += 1

@@ -2,7 +2,7 @@
 
 Rerunning with the same `train.run_name` and output resumes from the last checkpoint (Ray Train V2 restores the
 run from `RunConfig(storage_path, name)`). The exported model is a complete diffusers folder: the fine-tuned UNet
-next to the frozen VAE, text encoder, tokenizer and scheduler of the base model.
+(and text encoder, with train.train_text_encoder) next to the frozen VAE, tokenizer and scheduler of the base model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from cfgen.config import JobConfig
 from cfgen.io.storage import join_uri, pyarrow_filesystem
-from cfgen.train.loop import EXPORT_DIR, train_loop_per_worker
+from cfgen.train.loop import EXPORT_DIR, TEXT_ENCODER_DIR, train_loop_per_worker
 
 
 @dataclass
@@ -76,12 +76,18 @@ def fine_tune(
 
 def export_pipeline(job: JobConfig, checkpoint, base_model_uri: str, output_model_uri: str) -> str:
     """The final checkpoint's UNet + the base model's frozen parts -> one diffusers pipeline folder."""
+    from pathlib import Path
+
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     from cfgen.models.sd import load_pipeline, save_pipeline
 
     pipe = load_pipeline(base_model_uri, job.storage)
     with checkpoint.as_directory() as folder:
         pipe.unet = UNet2DConditionModel.from_pretrained(f"{folder}/{EXPORT_DIR}")
-    pipe.register_modules(unet=pipe.unet)
+        pipe.register_modules(unet=pipe.unet)
+        if (Path(folder) / TEXT_ENCODER_DIR).exists():  # train.train_text_encoder
+            pipe.text_encoder = CLIPTextModel.from_pretrained(f"{folder}/{TEXT_ENCODER_DIR}")
+            pipe.register_modules(text_encoder=pipe.text_encoder)
     return save_pipeline(pipe, output_model_uri, job.storage)

@@ -1,0 +1,34 @@
+"""Fine-tuning with the text encoder trained too (train.train_text_encoder), through the real Ray Train +
+DeepSpeed ZeRO-2 path on 2 CPU workers."""
+
+import numpy as np
+import pytest
+
+from cfgen.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
+    from cfgen.models.sd import load_pipeline
+    from cfgen.pipeline.ingest import ingest, training_dataset
+    from cfgen.pipeline.workflows import base_model, run_phantoms
+    from cfgen.train.trainer import fine_tune
+
+    job = load_config("configs/demo.yaml", [
+        f"output_uri={tmp_path}/run", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "phantoms.n=80",
+        "train.max_steps=3", "train.checkpoint_every=3", "train.batch_size=8", "train.vae.steps=2",
+        "train.train_text_encoder=true", "train.lr=0.01",
+    ])
+    job.data.manifest_uri = run_phantoms(job)["manifest_parquet"]
+    decoded = ingest(job).decoded_uri
+    base = base_model(job, decoded)
+    out = fine_tune(job, training_dataset(job, decoded), base, str(tmp_path / "tuned"))
+    tuned, start = load_pipeline(out.model_uri), load_pipeline(base)
+
+    def weights(module):
+        return np.concatenate([p.detach().numpy().ravel() for p in module.parameters()])
+
+    assert not np.allclose(weights(tuned.text_encoder), weights(start.text_encoder))
+    assert not np.allclose(weights(tuned.unet), weights(start.unet))
+    assert np.array_equal(weights(tuned.vae), weights(start.vae))  # the VAE stays frozen
