@@ -34,19 +34,21 @@ def _column(columns: Mapping[str, Any], name: str, n: int) -> np.ndarray:
     return np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=object)
 
 
+def _number(value: Any) -> float | None:
+    """A finite number, or None for anything missing or unreadable."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(x) else x
+
+
 def _binary(values: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
     target = np.zeros(len(values), dtype=np.float32)
     mask = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            continue
-        if np.isnan(x):
-            continue
-        if x == -1.0:
-            if policy == "mask":
-                continue
+        x = _number(v)
+        if x == -1.0 and policy != "mask":
             x = 1.0 if policy == "positive" else 0.0
         if x in (0.0, 1.0):
             target[i], mask[i] = x, True
@@ -65,16 +67,9 @@ def _sex(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _age(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    target = np.zeros(len(values), dtype=np.float32)
-    mask = np.zeros(len(values), dtype=bool)
-    for i, v in enumerate(values):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            continue
-        if not np.isnan(x):
-            target[i], mask[i] = x, True
-    return target, mask
+    numbers = [_number(v) for v in values]
+    mask = np.array([x is not None for x in numbers], dtype=bool)
+    return np.array([x if x is not None else 0.0 for x in numbers], dtype=np.float32), mask
 
 
 def label_targets(
