@@ -63,7 +63,7 @@ def main() -> int:
     from cfgen.classify.store import load_classifier
     from cfgen.config import PhantomConfig, load_config
     from cfgen.editing.engine import counterfactuals
-    from cfgen.io.preprocess import decode_and_preprocess
+    from cfgen.io.preprocess import read_mask
     from cfgen.io.prompts import counterfactual_prompt
     from cfgen.metrics.effectiveness import row_scores, summarize_scores, target_value
     from cfgen.metrics.image import as_unit_float, effect_ratio, l1, ssim
@@ -79,8 +79,7 @@ def main() -> int:
     classifier = load_classifier(str(run / "models" / "classifier"))
     scm = PhantomSCM(PhantomConfig.model_validate_json((run / "phantoms" / "phantom_config.json").read_text()))
     rows, images = load_test_rows(str(run / "ingest" / "decoded"), args.n)
-    masks = np.stack([as_unit_float(decode_and_preprocess(Path(r["mask_uri"]).read_bytes(), job.data.decode)[0])
-                      > 0.5 for r in rows]).astype(np.float32)
+    masks = np.stack([read_mask(r["mask_uri"], job.data.decode) for r in rows]).astype(np.float32)
     factual_prompts = [r["prompt"] for r in rows]
     cf_prompts = [[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS]
     seeds = [edit_seed(r["image_id"], 0) for r in rows]

@@ -118,3 +118,22 @@ def _resample(pixels: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
     pad_top, _, pad_left, _ = geometry["pad"]
     out[pad_top : pad_top + rows, pad_left : pad_left + columns] = np.clip(content, 0.0, 1.0)
     return out
+
+
+def read_mask(uri: str | None, decode: DecodeConfig, storage=None, dilation: int = 0) -> np.ndarray | None:
+    """A segmentation mask (e.g. the lungs) at `uri`, decoded and resized like the images, as booleans grown by
+    `dilation` pixels; None where there is no mask or it cannot be read (the caller decides what that means)."""
+    if not uri:
+        return None
+    from cfgen.io.storage import read_bytes
+
+    try:
+        pixels, _ = decode_and_preprocess(read_bytes(uri, storage), decode, uri=uri)
+    except Exception:  # noqa: BLE001 - an unreadable mask is no mask, for the caller to record
+        return None
+    region = np.asarray(pixels, dtype=np.float64) / np.iinfo(pixels.dtype).max > 0.5
+    if dilation and region.any():
+        from scipy.ndimage import binary_dilation
+
+        region = binary_dilation(region, iterations=dilation)
+    return region

@@ -19,22 +19,7 @@ import numpy as np
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) for feature sets [n_a, D] and [n_b, D] (n >= 2)."""
-    from scipy import linalg
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"feature sets must be [n, D] with the same D, got {a.shape} and {b.shape}")
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the FID reference code does
-        eps = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    covmean = np.real(covmean)
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
-    return max(value, 0.0)
+    return weighted_frechet_distance(a, b, np.ones(len(b)))
 
 
 def real_baseline(pool: np.ndarray, reference: np.ndarray, n: int, seed: int = 0, draws: int = 5) -> float:
@@ -104,15 +89,18 @@ def weighted_frechet_distance(a: np.ndarray, b: np.ndarray, b_weights: np.ndarra
     from scipy import linalg
 
     a, b, w = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(b_weights, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be [n, D] with the same D, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     mu_a, mu_b = a.mean(0), np.average(b, axis=0, weights=w)
     s_a = np.cov(a, rowvar=False)
     s_b = np.cov(b, rowvar=False, aweights=w)
-    covmean = np.real(linalg.sqrtm(s_a @ s_b))
-    if not np.isfinite(covmean).all():
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the FID reference code does
         eps = np.eye(len(s_a)) * 1e-6
-        covmean = np.real(linalg.sqrtm((s_a + eps) @ (s_b + eps)))
+        covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
+    covmean = np.real(covmean)
     return max(float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)), 0.0)
 
 

@@ -104,26 +104,16 @@ class CounterfactualStage:
     def masks(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[bool]]:
         """The rows' masks (mask_uri, decoded like the images, grown by edit.mask_dilation) and which rows had one;
         a row without a readable mask is edited everywhere and says so in its `confined` column."""
-        from scipy.ndimage import binary_dilation
+        from cfgen.io.preprocess import read_mask
 
-        from cfgen.io.preprocess import decode_and_preprocess
-        from cfgen.io.storage import read_bytes
-
-        size = self.job.data.decode.size
-        masks = np.ones((len(rows), size, size), dtype=np.float32)
+        edit, decode = self.job.edit, self.job.data.decode
+        masks = np.ones((len(rows), decode.size, decode.size), dtype=np.float32)
         confined = []
         for i, row in enumerate(rows):
-            uri = row.get("mask_uri")
-            try:
-                mask, _ = decode_and_preprocess(read_bytes(uri, self.job.storage), self.job.data.decode, uri=uri)
-            except Exception:  # noqa: BLE001 - no mask: this row is edited everywhere, and the row says so
-                confined.append(False)
-                continue
-            region = as_unit_float(mask) > 0.5
-            if self.job.edit.mask_dilation:
-                region = binary_dilation(region, iterations=self.job.edit.mask_dilation)
-            masks[i] = region
-            confined.append(True)
+            region = read_mask(row.get("mask_uri"), decode, self.job.storage, edit.mask_dilation)
+            if region is not None:  # no mask: this row is edited everywhere, and the row says so
+                masks[i] = region
+            confined.append(region is not None)
         return masks, confined
 
 
@@ -205,17 +195,9 @@ class MeasureStage:
 
         if truth is not None:
             return change_region(factual, truth)
-        uri = row.get("mask_uri")
-        if not uri:
-            return None
-        try:
-            from cfgen.io.preprocess import decode_and_preprocess
-            from cfgen.io.storage import read_bytes
+        from cfgen.io.preprocess import read_mask
 
-            mask, _ = decode_and_preprocess(read_bytes(uri, self.storage), self.decode, uri=uri)
-        except Exception:  # noqa: BLE001 - an unreadable mask leaves minimality unknown for this row only
-            return None
-        return as_unit_float(mask) > 0.5
+        return read_mask(row.get("mask_uri"), self.decode, self.storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cfgen.metrics.edit_report import classifier_metrics, image_metrics
