@@ -48,13 +48,9 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
 
 @torch.no_grad()
 def raw_logits(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    from cfgen.metrics.image import as_unit_float
-
+    """The uncalibrated logits [N, K] (temperature scaling is fitted on these)."""
     model.eval()
-    arr = as_unit_float(np.asarray(images))
-    device = next(model.parameters()).device
-    out = [model(torch.from_numpy(np.ascontiguousarray(arr[i:i + batch_size])).unsqueeze(1).to(device)).cpu().numpy()
-           for i in range(0, len(arr), batch_size)]
+    out = [model(x).cpu().numpy() for x in model.image_batches(images, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(model.attributes)), np.float32)
 
 

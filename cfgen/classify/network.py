@@ -100,19 +100,23 @@ class AttributeClassifier(nn.Module):
         years = logits * self.config["age_sd"] + self.config["age_mean"]
         return torch.where(self.is_regression.to(logits.device), years, probs), feats
 
+    def image_batches(self, images: np.ndarray, batch_size: int = 256):
+        """uint8/uint16/float grayscale images [N,H,W] as [B,1,H,W] float tensors in [0,1] on the model's device."""
+        from cfgen.metrics.image import as_unit_float
+
+        device = next(self.parameters()).device
+        arr = as_unit_float(np.asarray(images))
+        for i in range(0, len(arr), batch_size):
+            yield torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).unsqueeze(1).to(device)
+
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Numpy in, numpy out: {attribute: probability or years [N], "features": [N, D]} for uint8/uint16/float
         grayscale images [N,H,W]."""
-        from cfgen.metrics.image import as_unit_float
-
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
-        arr = as_unit_float(np.asarray(images))
         outs, feats = [], []
-        for i in range(0, len(arr), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).unsqueeze(1).to(device)
+        for x in self.image_batches(images, batch_size):
             o, f = self.outputs(x)
             outs.append(o.float().cpu().numpy())
             feats.append(f.float().cpu().numpy())
