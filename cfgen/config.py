@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -186,11 +186,29 @@ class TrainConfig(_Section):
 class EditConfig(_Section):
     """How counterfactuals are made (`cfgen.editing.engine`)."""
 
-    method: Literal["ddim", "sdedit"] = Field("ddim", description="ddim: invert + regenerate; sdedit: noise to "
-                                                                  "`strength`, then denoise")
+    method: Literal["ddim", "sdedit", "p2p", "null_text", "direct", "ddpm"] = Field(
+        "ddim",
+        description="ddim: DDIM invert + regenerate; sdedit: noise to `strength`, then denoise; p2p: DDIM inversion + "
+                    "Prompt-to-Prompt sweep; null_text: PRISM's null-text inversion + Prompt-to-Prompt sweep; direct: "
+                    "Direct Inversion (source branch kept on the inversion) + Prompt-to-Prompt sweep; ddpm: "
+                    "edit-friendly DDPM inversion (exact reconstruction), skipping `ddpm_skip` of the steps",
+    )
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(1.0, ge=1.0)
     strength: float = Field(0.6, gt=0, le=1, description="SDEdit: how far up the noise schedule the image goes")
+    cross_replace: float = Field(0.8, ge=0, le=1, description="Prompt-to-Prompt: fraction of the steps (from x_T) "
+                                                              "with the factual prompt's cross-attention injected")
+    self_replace: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        [0.4, 0.6, 0.8], min_length=1,
+        description="Prompt-to-Prompt: fractions of the steps with self-attention injected, a sweep (one candidate "
+                    "each; the engine's `select` keeps one per image, by default the largest)",
+    )
+    edit_word_weight: float = Field(2.0, gt=0, description="Prompt-to-Prompt: re-weighting of the edited tokens")
+    null_text_inner_steps: int = Field(10, ge=0, description="null-text: Adam steps per timestep")
+    null_text_early_stop: float = Field(1e-5, ge=0, description="null-text: stop a timestep's optimisation of an "
+                                                                "image once its loss is below this")
+    ddpm_skip: float = Field(0.2, ge=0, lt=1, description="DDPM inversion: fraction of the first (noisiest) steps "
+                                                          "skipped; the edit starts from the noisy latent there")
     composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
                                               "own pixels wherever the edit changes nothing")
     confine: Literal["none", "mask"] = Field("none", description="'mask': edit only inside the row's mask_uri "

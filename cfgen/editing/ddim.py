@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
 
+from cfgen.editing.inversion_cache import BatchInversions, split_images
 from cfgen.models.sd import encode_prompts
 
 
-def _noise_prediction(
+def guided_noise_prediction(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
     t: torch.Tensor,
@@ -23,6 +24,8 @@ def _noise_prediction(
     uncond: torch.Tensor | None,
     guidance_scale: float,
 ) -> torch.Tensor:
+    """Classifier-free guidance: one UNet call on [uncond rows; cond rows] (uncond first, as diffusers and the
+    attention control expect), or the conditional rows alone at guidance 1."""
     if uncond is None or guidance_scale == 1.0:
         return unet(latents, t, encoder_hidden_states=cond).sample
     both = unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
@@ -48,7 +51,7 @@ def ddim_invert(
     if trajectory is not None:
         trajectory.append(latents)
     for t in inverse.timesteps:
-        eps = _noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
+        eps = guided_noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
         latents = inverse.step(eps, t, latents).prev_sample
         if trajectory is not None:
             trajectory.append(latents)
@@ -75,7 +78,7 @@ def ddim_sample(
     forward.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = forward.timesteps[start_step:]
     for k, t in enumerate(timesteps, start=start_step):
-        eps = _noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
+        eps = guided_noise_prediction(unet, latents, t, cond, uncond, guidance_scale)
         latents = forward.step(eps, t, latents, eta=0.0).prev_sample
         if source is not None and latent_mask is not None:
             # after step k the sample sits at the inversion's level num_inference_steps - 1 - k
@@ -100,3 +103,19 @@ def ddim_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
                            source=trajectory, latent_mask=latent_mask)
 
     return [run(encode_prompts(pipe, p)) for p in counterfactual_prompts], run(cond_f)
+
+
+def ddim_trajectory(pipe, latents: torch.Tensor, factual_prompts: list[str], num_inference_steps: int,
+                    inversions: BatchInversions) -> torch.Tensor:
+    """[N+1, B, C, h, w]: x_0 .. x_T of the DDIM inversion with the factual prompt at guidance 1, where
+    Prompt-to-Prompt, null-text and Direct Inversion all start (an inversion guided like the sampler drifts: that
+    drift is what null-text optimisation and Direct Inversion correct). Reused from `inversions` where an image's
+    inversion was made before."""
+
+    def invert(indices: list[int]):
+        trajectory: list[torch.Tensor] = []
+        cond = encode_prompts(pipe, [factual_prompts[i] for i in indices])
+        ddim_invert(pipe.unet, pipe.scheduler, latents[indices], cond, num_inference_steps, trajectory=trajectory)
+        return split_images({"trajectory": torch.stack(trajectory)})
+
+    return inversions.stacked("ddim", factual_prompts, {"steps": num_inference_steps}, invert)["trajectory"]

@@ -1,30 +1,61 @@
 """The editing engine: images + factual prompts + edits -> counterfactuals, the null edit and the UNet work spent.
 
 One entry point (`counterfactuals`) for every method, so the batch job, Serve and the benchmarks edit the same
-way. A method returns decoded images (the edited ones and the null edit, i.e. the same procedure with the factual
-prompt); the engine then keeps the input outside the change:
+way. A method returns latents (the edited ones and the null edit, i.e. the same procedure with the factual
+prompt), which the engine decodes; it then keeps the input outside the change:
 
 - ``composite`` (pixel-space compositing): counterfactual = input + (edited - null edit). The autoencoder's error
   and the sampler's drift are common to both decodes and cancel, so the patient's own pixels (grain, noise, fine
   texture that a 4:1 latent cannot hold, DESIGN.md §3) survive wherever the edit changes nothing.
 - ``mask`` (confinement): the change is applied only inside a region (lungs, a device box, a user's mask): in
-  latent space during sampling where the method supports it (DDIM: blend with the inversion trajectory outside
-  the mask, as RadEdit does), and always in pixel space on the composite.
+  latent space during sampling where the method has a source trajectory to blend with (RadEdit-style: outside the
+  mask every step keeps the inversion's latent), and always in pixel space on the composite.
 
-Methods (each its own module): ``ddim`` (DDIM inversion with the factual prompt + regeneration, `ddim.py`),
-``sdedit`` (partial noising at a strength + DDIM denoising, `sdedit.py`).
+Methods (each its own module and function):
+
+- ``ddim`` (`ddim.py`): DDIM inversion with the factual prompt + regeneration with the edited one; 150 UNet rows
+  per image at 50 steps, guidance 1.
+- ``sdedit`` (`sdedit.py`): partial noising at `strength`, then DDIM denoising; no inversion.
+- ``p2p`` (`prompt_to_prompt.py`): DDIM inversion (guidance 1), then Prompt-to-Prompt from x_T: the source branch
+  (factual prompt) and every edit at every setting of the self-attention sweep in one batch, attention maps
+  swapped by attention processors.
+- ``null_text`` (`null_text.py`): PRISM's recipe: DDIM inversion, null-text optimisation (fp32, early stop) at the
+  guidance scale, then the Prompt-to-Prompt sweep with the optimised null embeddings.
+- ``direct`` (`direct_inversion.py`): Direct Inversion (PnP Inversion): the same sweep with the source branch put
+  back on the inversion at every step; no optimisation.
+- ``ddpm`` (`ddpm_inversion.py`): edit-friendly DDPM inversion (LEDITS++, RadEdit): noise maps that make the DDPM
+  sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps.
+
+Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
+every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
+candidate per self-replace setting; `select` (a callable scoring the candidates, e.g. with the project's attribute
+classifier, DESIGN.md §2) picks one per image, by default the largest setting (the most preserving), and the
+result records the winner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from cfgen.editing.counting import CountingUNet
+from cfgen.editing.ddim import ddim_edit
+from cfgen.editing.ddpm_inversion import ddpm_edit, start_step
+from cfgen.editing.direct_inversion import direct_edit
+from cfgen.editing.inversion_cache import BatchInversions, InversionCache, image_digest, model_fingerprint, \
+    shared_cache
+from cfgen.editing.null_text import null_text_edit
+from cfgen.editing.prompt_to_prompt import PromptToPromptSettings, p2p_edit
+from cfgen.editing.sdedit import sdedit
 
-METHODS = ("ddim", "sdedit")
+METHODS = ("ddim", "sdedit", "p2p", "null_text", "direct", "ddpm")
+
+#: select(candidates, image, edit_index) -> scores [n_settings, B]: candidates is one [B,H,W] float image in [0,1]
+#: per sweep setting (after compositing and confinement, i.e. what would be returned), image the input [B,H,W].
+Select = Callable[[list[np.ndarray], np.ndarray, int], np.ndarray]
 
 
 @dataclass
@@ -36,6 +67,8 @@ class EngineResult:
     unet_forward: float  # UNet rows evaluated per counterfactual (shared inversion and null edit amortised)
     unet_backward: float  # rows that a backward pass went through, per counterfactual
     unet_forward_per_image: int  # all edits of one image together
+    settings: list[list[dict]] = field(default_factory=list)  # per edit, per image: the winning sweep setting
+    # (e.g. {"self_replace": 0.6}); {} where the method has no sweep
 
     @property
     def unet_evaluations(self) -> int:
@@ -65,6 +98,43 @@ def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: 
     return out.astype(np.float32)
 
 
+def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: list[str],
+                  counterfactual_prompts: list[list[str]], steps: int, guidance_scale: float, strength: float,
+                  seeds: list[int], latent_mask: torch.Tensor | None, p2p: PromptToPromptSettings,
+                  inner_steps: int, early_stop: float, ddpm_skip: float, inversions: BatchInversions):
+    """(edited latents [edit][sweep setting], null-edit latents, the sweep's settings) of one method."""
+    common = (pipe, latents, factual_prompts, counterfactual_prompts, steps, guidance_scale)
+    if method == "p2p":
+        return (*p2p_edit(*common, p2p, inversions, latent_mask), p2p.sweep)
+    if method == "direct":
+        return (*direct_edit(*common, p2p, inversions, latent_mask), p2p.sweep)
+    if method == "null_text":
+        return (*null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask), p2p.sweep)
+    if method == "ddpm":
+        edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask)
+    elif method == "sdedit":
+        edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, steps, strength,
+                              guidance_scale, seeds)
+    else:
+        edited, null = ddim_edit(*common, latent_mask)
+    return [[z] for z in edited], null, [{}]
+
+
+def _winners(candidates: list[np.ndarray], images: np.ndarray, edit_index: int, sweep: list[dict],
+             select: Select | None) -> np.ndarray:
+    """The index of the chosen sweep setting for every image."""
+    n_settings, n = len(candidates), len(images)
+    if n_settings == 1:
+        return np.zeros(n, dtype=int)
+    if select is None:  # the largest self-replace fraction: the most preserving setting
+        return np.full(n, int(np.argmax([s["self_replace"] for s in sweep])))
+    scores = np.asarray(select(candidates, images, edit_index), dtype=np.float64)
+    if scores.shape != (n_settings, n):
+        raise ValueError(f"select must return scores of shape (n_settings, B) = {(n_settings, n)}, got "
+                         f"{scores.shape}")
+    return scores.argmax(axis=0)
+
+
 def counterfactuals(
     pipe,
     images: np.ndarray,
@@ -77,40 +147,61 @@ def counterfactuals(
     composite: bool = True,
     masks: np.ndarray | None = None,
     seeds: list[int] | None = None,
+    *,
+    cross_replace: float = 0.8,
+    self_replace: Sequence[float] = (0.4, 0.6, 0.8),
+    edit_word_weight: float = 2.0,
+    null_text_inner_steps: int = 10,
+    null_text_early_stop: float = 1e-5,
+    ddpm_skip: float = 0.2,
+    select: Select | None = None,
+    inversion_cache: InversionCache | None = None,
 ) -> EngineResult:
     """Edit `images` [B,H,W] once per list of `counterfactual_prompts` (each B prompts).
 
     `masks` [B,H,W] (values in [0,1]) confine every edit to a region; `seeds` (one per image) seed the noise of
-    stochastic methods, so an image's counterfactual does not depend on the batch it was edited in."""
+    stochastic methods, so an image's counterfactual does not depend on the batch it was edited in. The
+    keyword-only settings are `EditConfig`'s fields of the same names; `select` scores the sweep's candidates (see
+    `Select`); `inversion_cache` defaults to the process's shared cache."""
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; one of {METHODS}")
+    if null_text_inner_steps < 0:
+        raise ValueError(f"null_text_inner_steps must be >= 0, got {null_text_inner_steps}")
+    p2p = PromptToPromptSettings(cross_replace, tuple(self_replace), edit_word_weight)
+    if method == "ddpm":
+        start_step(ddpm_skip, num_inference_steps)  # a bad skip fails before any work
     from cfgen.models.sd import decode_latents, encode_images
 
+    seeds = list(seeds) if seeds is not None else list(range(len(images)))
+    fingerprint = model_fingerprint(pipe)
+    inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
+                                 [(fingerprint, image_digest(image)) for image in np.asarray(images)])
     unet = pipe.unet
     counter = CountingUNet(unet)
     pipe.unet = counter
     try:
         latents = encode_images(pipe, images)
         latent_mask = None if masks is None else _latent_mask(masks, latents.shape, latents.device, latents.dtype)
-        if method == "ddim":
-            from cfgen.editing.ddim import ddim_edit
-
-            edited, null = ddim_edit(pipe, latents, factual_prompts, counterfactual_prompts, num_inference_steps,
-                                     guidance_scale, latent_mask)
-        else:
-            from cfgen.editing.sdedit import sdedit
-
-            edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, num_inference_steps,
-                                  strength, guidance_scale, seeds or list(range(len(images))))
+        edited, null, sweep = _edit_latents(method, pipe, latents, factual_prompts, counterfactual_prompts,
+                                            num_inference_steps, guidance_scale, strength, seeds, latent_mask, p2p,
+                                            null_text_inner_steps, null_text_early_stop, ddpm_skip, inversions)
         autoencoded = decode_latents(pipe, latents)
     finally:
         pipe.unet = unet
-    raw = [decode_latents(pipe, z) for z in edited]
     null_image = decode_latents(pipe, null)
-    outputs = [keep_input_outside_change(images, r, null_image, composite, masks) for r in raw]
+    unit = _unit(images)
+    rows = np.arange(len(images))
+    outputs, raw, chosen = [], [], []
+    for e, candidates in enumerate(edited):
+        decoded = [decode_latents(pipe, z) for z in candidates]
+        kept = [keep_input_outside_change(images, r, null_image, composite, masks) for r in decoded]
+        winner = _winners(kept, unit, e, sweep, select)
+        outputs.append(np.stack(kept)[winner, rows])
+        raw.append(np.stack(decoded)[winner, rows])
+        chosen.append([dict(sweep[w]) for w in winner])
     n_cf = max(1, len(images) * len(counterfactual_prompts))
     return EngineResult(
         counterfactuals=outputs, null_edit=null_image, autoencoded=autoencoded, raw_counterfactuals=raw,
         unet_forward=counter.forward_rows / n_cf, unet_backward=counter.backward_rows / n_cf,
-        unet_forward_per_image=counter.forward_rows // max(1, len(images)),
+        unet_forward_per_image=counter.forward_rows // max(1, len(images)), settings=chosen,
     )

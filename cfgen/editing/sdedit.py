@@ -13,7 +13,9 @@ from cfgen.editing.ddim import ddim_sample
 from cfgen.models.sd import encode_prompts
 
 
-def _noise(shape: tuple[int, ...], seeds: list[int], device, dtype) -> torch.Tensor:
+def seeded_noise(shape: tuple[int, ...], seeds: list[int], device, dtype) -> torch.Tensor:
+    """Gaussian noise [B, ...] drawn image by image from each image's own seed (on the CPU, so that it is the same
+    on every device), so an image's noise does not depend on its batch."""
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds]).to(device=device, dtype=dtype)
 
@@ -30,7 +32,7 @@ def sdedit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfactu
     schedule.set_timesteps(num_inference_steps, device=latents.device)
     start = min(num_inference_steps - 1, int(round((1.0 - strength) * num_inference_steps)))
     t_start = schedule.timesteps[start]
-    noise = _noise(tuple(latents.shape), seeds, latents.device, latents.dtype)
+    noise = seeded_noise(tuple(latents.shape), seeds, latents.device, latents.dtype)
     noisy = schedule.add_noise(latents, noise, t_start.reshape(1).repeat(len(latents)))
     uncond = encode_prompts(pipe, [""] * len(latents)) if guidance_scale != 1.0 else None
 

@@ -1,0 +1,355 @@
+"""The inversion-based editing methods: Prompt-to-Prompt, null-text inversion, Direct Inversion, DDPM inversion.
+
+Exact inversions (with a zero noise prediction, and where the method promises it with the real tiny UNet), the
+P2P identity (identical prompts reproduce the plain reconstruction), confinement, determinism across batches,
+counted UNet work against a spy, the inversion cache, and the choice of the sweep setting."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from cfgen.config import EditConfig, ModelConfig
+from cfgen.editing.counting import CountingUNet
+from cfgen.editing.ddim import ddim_invert, ddim_sample
+from cfgen.editing.ddpm_inversion import ddpm_invert, ddpm_sample
+from cfgen.editing.engine import counterfactuals
+from cfgen.editing.inversion_cache import BatchInversions, InversionCache
+from cfgen.editing.null_text import null_text_optimise
+from cfgen.editing.prompt_to_prompt import (MAX_SELF_REPLACE_QUERIES, AttentionControl, EditLayout,
+                                             PromptToPromptSettings, refine_alignment, sweep_edit)
+from cfgen.models.sd import build_tiny_pipeline, encode_images, encode_prompts, token_ids
+
+NEW_METHODS = ("p2p", "direct", "null_text", "ddpm")
+FACTUAL = ["a chest x-ray of a 63 year old female patient, smoker, with support devices",
+           "a chest x-ray of a 40 year old male patient, with pleural effusion"]
+EDITS = [["a chest x-ray of a 63 year old female patient, smoker, without support devices",
+          "a chest x-ray of a 40 year old male patient, without pleural effusion"]]
+
+
+class ScaledUNet(torch.nn.Module):
+    """The real tiny UNet with its noise prediction multiplied by `scale` (0: a zero prediction that still runs
+    every attention layer, so Prompt-to-Prompt's control and null-text's gradients have something to act on)."""
+
+    def __init__(self, unet, scale: float):
+        super().__init__()
+        self.unet, self.scale = unet, scale
+
+    def forward(self, sample, t, encoder_hidden_states=None):
+        out = self.unet(sample, t, encoder_hidden_states=encoder_hidden_states).sample
+        return type("Out", (), {"sample": out * self.scale})()
+
+    config = property(lambda self: self.unet.config)
+    dtype = property(lambda self: self.unet.dtype)
+    device = property(lambda self: self.unet.device)
+    attn_processors = property(lambda self: self.unet.attn_processors)
+
+    def set_attn_processor(self, processor):
+        self.unet.set_attn_processor(processor)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline(ModelConfig(), seed=0)
+
+
+@pytest.fixture
+def zero_prediction(pipe):
+    real = pipe.unet
+    pipe.unet = ScaledUNet(real, 0.0)
+    yield pipe
+    pipe.unet = real
+
+
+def _images(seed=1, n=2):
+    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64), dtype=np.uint8)
+
+
+def _edit(pipe, images=None, factual=FACTUAL, edits=EDITS, **kwargs):
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 3.0, "null_text_inner_steps": 2,
+              "inversion_cache": InversionCache(), **kwargs}
+    return counterfactuals(pipe, _images() if images is None else images, factual, edits, **kwargs)
+
+
+def test_refine_alignment_maps_kept_tokens_and_leaves_inserted_ones_their_own_attention(pipe):
+    index, aligned = refine_alignment([0, 5, 6, 7, 9], [0, 5, 6, 1, 2, 7, 9])  # "...6 [1 2] 7..."
+    assert aligned == [True, True, True, False, False, True, True]
+    assert [i for i, a in zip(index, aligned) if a] == [0, 1, 2, 3, 4]
+    # the domain tokenizer: "with" -> "without" is a substitution; a character-level word is an insertion
+    for source, target, changed in [("a patient with support devices", "a patient without support devices",
+                                     ["without</w>"]),
+                                    ("a patient, 63 year old", "a patient, 653 year old", ["5</w>"])]:
+        src, tgt = (token_ids(pipe, [p])[0].tolist() for p in (source, target))
+        _, aligned = refine_alignment(src, tgt)
+        tokens = pipe.tokenizer.convert_ids_to_tokens(tgt)
+        assert [tok for tok, a in zip(tokens, aligned) if not a] == changed
+
+
+def test_p2p_with_identical_prompts_reproduces_the_plain_reconstruction(pipe):
+    latents = encode_images(pipe, _images(2))
+    cond = encode_prompts(pipe, FACTUAL)
+    trajectory = []
+    x_t = ddim_invert(pipe.unet, pipe.scheduler, latents, cond, 4, trajectory=trajectory)
+    processors = pipe.unet.attn_processors
+    for guidance in (1.0, 3.0):
+        uncond = encode_prompts(pipe, [""] * 2) if guidance != 1.0 else None
+        plain = ddim_sample(pipe.unet, pipe.scheduler, x_t, cond, 4, uncond, guidance)
+        edited, source = sweep_edit(pipe, torch.stack(trajectory), FACTUAL, [FACTUAL, FACTUAL],
+                                    PromptToPromptSettings(), 4, guidance)
+        assert (plain - latents).abs().max() > 0.1  # the random UNet's reconstruction is no copy of the input
+        # float tolerance for latents of magnitude ~6: the plain sampler alone, run in a batch of another size,
+        # differs by 3e-5
+        torch.testing.assert_close(source, plain, atol=1e-5 * float(plain.abs().max()), rtol=0)
+        for target in (z for per_edit in edited for z in per_edit):
+            torch.testing.assert_close(target, source, atol=1e-6, rtol=1e-5)
+    assert pipe.unet.attn_processors == processors  # the layers' own processors are back
+
+
+def test_attention_control_swaps_the_target_maps_for_the_aligned_source_columns_in_its_window():
+    # one image: source row 0, target row 1 whose token 2 is inserted (source tokens 0 1 3 -> target 0 1 x 2 3)
+    source_ids, target_ids = torch.tensor([[5, 6, 7, 8, 0]]), torch.tensor([[5, 6, 9, 7, 8]])
+    layout = EditLayout.build(source_ids, target_ids, [0], cross_steps=[2], self_steps=[1], edit_word_weight=2.0)
+    control = AttentionControl(layout, uncond_rows=2)  # guidance: [uncond source, uncond target, source, target]
+    heads, queries = 3, 4
+    cross = torch.rand(4 * heads, queries, 5, generator=torch.Generator().manual_seed(0))
+    self_maps = torch.rand(4 * heads, queries, queries, generator=torch.Generator().manual_seed(1))
+    edited = control.edit(cross, is_cross=True).view(4, heads, queries, 5)
+    rows = cross.view(4, heads, queries, 5)
+    torch.testing.assert_close(edited[:3], rows[:3])  # unconditional rows and the source are left alone
+    torch.testing.assert_close(edited[3][..., [0, 1, 3, 4]], rows[2][..., [0, 1, 2, 3]])  # aligned: source's
+    torch.testing.assert_close(edited[3][..., 2], 2.0 * rows[3][..., 2])  # inserted: own column, re-weighted
+    control.step = 1  # past the self-attention window, still inside the cross-attention one
+    assert control.replaces(True, queries) and not control.replaces(False, queries)
+    control.step = 0
+    swapped = control.edit(self_maps, is_cross=False).view(4, heads, queries, queries)
+    torch.testing.assert_close(swapped[3], self_maps.view(4, heads, queries, queries)[2])
+    assert not control.replaces(False, MAX_SELF_REPLACE_QUERIES + 1)  # SD's 64 x 64 layers keep their own
+    control.step = 2
+    assert not control.replaces(True, queries)
+
+
+def test_p2p_control_changes_what_the_edited_prompt_generates(pipe):
+    latents = encode_images(pipe, _images(3))
+    trajectory = []
+    x_t = ddim_invert(pipe.unet, pipe.scheduler, latents, encode_prompts(pipe, FACTUAL), 4, trajectory=trajectory)
+    (controlled,), source = sweep_edit(pipe, torch.stack(trajectory), FACTUAL, EDITS,
+                                       PromptToPromptSettings(self_replace=(0.8,)), 4)
+    regenerated = ddim_sample(pipe.unet, pipe.scheduler, x_t, encode_prompts(pipe, EDITS[0]), 4)
+    assert (controlled[0] - regenerated).abs().mean() > 1e-4
+    assert (controlled[0] - source).abs().mean() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["ddim", *NEW_METHODS])
+def test_every_inversion_is_exact_with_a_zero_noise_prediction(zero_prediction, method):
+    result = _edit(zero_prediction, method=method, ddpm_skip=0.0)
+    np.testing.assert_allclose(result.null_edit, result.autoencoded, atol=1e-5)
+    if method == "null_text":  # already reconstructed: early stop before any backward pass
+        assert result.unet_backward == 0
+
+
+def test_direct_inversion_keeps_the_source_branch_on_the_inversion_with_a_real_unet(pipe):
+    direct = _edit(pipe, method="direct")
+    np.testing.assert_allclose(direct.null_edit, direct.autoencoded, atol=1e-5)
+    p2p = _edit(pipe, method="p2p")  # the same sweep without the correction drifts under guidance
+    assert np.abs(p2p.null_edit - p2p.autoencoded).mean() > 0.01
+
+
+@pytest.mark.parametrize("skip", [0.0, 0.4])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_ddpm_inversion_reconstructs_exactly_with_a_real_unet(pipe, skip, guidance):
+    latents = encode_images(pipe, _images(4))
+    cond, uncond = encode_prompts(pipe, FACTUAL), encode_prompts(pipe, [""] * 2)
+    noise = torch.randn(5, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    trajectory, maps = ddpm_invert(pipe.unet, pipe.scheduler, latents, cond, noise, 5, uncond, guidance, skip)
+    assert maps.abs().max() > 1.0  # the maps carry the image, not a copy of the noise
+    null_edit = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, cond, 5, uncond, guidance, skip)
+    torch.testing.assert_close(null_edit, latents, atol=1e-4, rtol=0)
+    edited = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, encode_prompts(pipe, EDITS[0]), 5, uncond,
+                         guidance, skip)
+    assert (edited - latents).abs().max() > 1e-3
+
+
+def test_null_text_optimisation_retraces_a_trajectory_that_null_embeddings_can_produce(pipe):
+    unet, steps, guidance = pipe.unet, 4, 3.0
+    forward = DDIMScheduler.from_config(pipe.scheduler.config)
+    forward.set_timesteps(steps)
+    cond, uncond = encode_prompts(pipe, FACTUAL), encode_prompts(pipe, [""] * 2)
+
+    @torch.no_grad()
+    def guided_path(x, nulls):
+        path = [x]
+        for k, t in enumerate(forward.timesteps):
+            eps_u = unet(x, t, encoder_hidden_states=nulls[k]).sample
+            eps_c = unet(x, t, encoder_hidden_states=cond).sample
+            x = forward.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+            path.append(x)
+        return torch.stack(path[::-1])  # x_0 first, like an inversion
+
+    x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = uncond + 0.05 * torch.randn(uncond.shape, generator=torch.Generator().manual_seed(1))
+    trajectory = guided_path(x_t, hidden.expand(steps, -1, -1, -1))
+    counter = CountingUNet(unet)
+    nulls = null_text_optimise(counter, pipe.scheduler, trajectory, cond, uncond, guidance, steps, 10, 0.0)
+    assert nulls.dtype == torch.float32 and nulls.shape == (steps, *uncond.shape)
+    before = (guided_path(x_t, uncond.expand(steps, -1, -1, -1))[0] - trajectory[0]).abs().max()
+    after = (guided_path(x_t, nulls)[0] - trajectory[0]).abs().max()
+    assert after < 0.35 * before
+    assert (counter.forward_rows, counter.backward_rows) == (steps * 2 * (1 + 10 + 1), steps * 2 * 10)
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_mask_confined_edit_leaves_pixels_outside_the_mask_as_they_were(pipe, method):
+    images = _images(5)
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[:, 16:40, 8:30] = 1.0
+    for composite in (True, False):
+        result = _edit(pipe, images, method=method, composite=composite, masks=masks, seeds=[11, 12])
+        assert np.abs(result.counterfactuals[0] - images / 255.0)[masks == 0].max() < 1e-6
+        assert np.abs(result.counterfactuals[0] - images / 255.0)[masks == 1].mean() > 1e-3
+
+
+def test_latent_confinement_keeps_the_inversion_outside_the_mask(pipe):
+    latents = encode_images(pipe, _images(6))
+    trajectory = []
+    ddim_invert(pipe.unet, pipe.scheduler, latents, encode_prompts(pipe, FACTUAL), 3, trajectory=trajectory)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:10, 2:8] = 1.0
+    (edited,), _ = sweep_edit(pipe, torch.stack(trajectory), FACTUAL, EDITS, PromptToPromptSettings(), 3, 3.0,
+                              latent_mask=mask)
+    for z in edited:
+        assert torch.equal(z * (1 - mask), latents * (1 - mask))
+        assert (z - latents)[mask.expand_as(z) == 1].abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_counterfactuals_do_not_depend_on_the_batch_they_were_made_in(pipe, method):
+    images = _images(7, 3)
+    prompts = ["a chest x-ray of a patient, smoker", "a chest x-ray", "a chest x-ray with cardiomegaly"]
+    edits = [["a chest x-ray of a patient, non-smoker", "a chest x-ray without support devices",
+              "a chest x-ray without cardiomegaly"]]
+    whole = _edit(pipe, images, prompts, edits, method=method, seeds=[7, 8, 9])
+    alone = _edit(pipe, images[1:2], prompts[1:2], [edits[0][1:2]], method=method, seeds=[8])
+    # the random VAE decoder multiplies latent float noise (~1e-6 between batch shapes) by about 40; an image
+    # coupled to its companions (a shared loss, early stop or row mix-up) differs by orders of magnitude more
+    np.testing.assert_allclose(whole.counterfactuals[0][1], alone.counterfactuals[0][0], atol=2e-4)
+    again = _edit(pipe, images, prompts, edits, method=method, seeds=[7, 8, 9])
+    assert np.array_equal(whole.counterfactuals[0], again.counterfactuals[0])
+
+
+def _expected_rows(method, steps, guidance, edits, settings, inner_steps, skip_steps=0):
+    branches = 2 if guidance != 1.0 else 1
+    if method == "ddpm":
+        return branches * (steps - skip_steps) * (1 + edits), 0
+    sweep = branches * (1 + edits * settings) * steps
+    if method == "null_text" and guidance != 1.0:  # conditional pass, inner steps, last prediction per step
+        return steps + steps * (1 + inner_steps + 1) + sweep, steps * inner_steps
+    return steps + sweep, 0
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_engine_counts_what_the_unet_really_evaluated_forward_and_backward(pipe, method, guidance):
+    calls = {"forward": 0, "backward": 0}
+    original = pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        calls["forward"] += sample.shape[0]
+        out = original(sample, *args, **kwargs)
+        if out.sample.requires_grad:
+            out.sample.register_hook(lambda g: calls.__setitem__("backward", calls["backward"] + sample.shape[0]))
+        return out
+
+    pipe.unet.forward = spy
+    edits = EDITS + [FACTUAL]
+    try:
+        result = _edit(pipe, method=method, guidance_scale=guidance, edits=edits, null_text_early_stop=0.0,
+                       ddpm_skip=0.4)
+    finally:
+        del pipe.unet.forward
+    assert (result.unet_forward_per_image * 2, result.unet_backward * 4) == (calls["forward"], calls["backward"])
+    assert result.unet_forward == pytest.approx(calls["forward"] / 4)  # 2 images x 2 edits
+    forward, backward = _expected_rows(method, 3, guidance, 2, 3, 2, skip_steps=1)
+    assert (result.unet_forward_per_image, result.unet_backward * 2) == (forward, backward)
+
+
+def test_an_inversion_is_made_once_and_reused_by_later_edits_of_the_same_image(pipe):
+    cache = InversionCache()
+    first = _edit(pipe, method="null_text", inversion_cache=cache)
+    assert (cache.misses, cache.hits, len(cache)) == (4, 0, 4)  # DDIM trajectory + null embeddings, 2 images
+    other_edit = [["a chest x-ray with cardiomegaly"] * 2]
+    second = _edit(pipe, method="null_text", edits=other_edit, inversion_cache=cache)
+    assert cache.hits == 4
+    assert second.unet_forward_per_image == 2 * (1 + 3) * 3  # only the sweep: source + 3 settings, guided
+    assert second.unet_backward == 0 < first.unet_backward
+    direct = _edit(pipe, method="direct", inversion_cache=cache)  # Direct Inversion shares the DDIM trajectory
+    assert direct.unet_forward_per_image == 2 * (1 + 3) * 3
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(0.0)  # any in-place weight change is a new model version
+    _edit(pipe, method="direct", inversion_cache=cache)
+    assert cache.misses == 6
+
+
+def test_the_selection_score_picks_the_setting_per_image_and_the_winner_is_recorded(pipe):
+    seen = {}
+
+    def select(candidates, image, edit_index):
+        seen[edit_index] = [c.copy() for c in candidates]
+        assert image.shape == (2, 64, 64) and image.max() <= 1.0
+        scores = np.zeros((len(candidates), 2))
+        scores[0, 0] = scores[2, 1] = 1.0  # image 0: self_replace 0.4; image 1: 0.8
+        return scores
+
+    result = _edit(pipe, method="direct", edits=EDITS + EDITS, select=select)
+    assert sorted(seen) == [0, 1] and len(seen[0]) == 3
+    assert result.settings == [[{"self_replace": 0.4}, {"self_replace": 0.8}]] * 2
+    np.testing.assert_array_equal(result.counterfactuals[0][0], seen[0][0][0])
+    np.testing.assert_array_equal(result.counterfactuals[0][1], seen[0][2][1])
+    assert np.abs(seen[0][0][0] - seen[0][2][0]).max() > 1e-4  # the settings really differ
+    default = _edit(pipe, method="direct")
+    assert default.settings == [[{"self_replace": 0.8}] * 2]  # the most preserving setting
+    assert _edit(pipe, method="ddpm").settings == [[{}, {}]]
+    with pytest.raises(ValueError, match="shape"):
+        _edit(pipe, method="direct", select=lambda c, i, e: np.zeros(3))
+
+
+def test_a_bf16_pipeline_edits_with_null_text_optimised_in_fp32():
+    pipe = build_tiny_pipeline(ModelConfig(), seed=0).to(dtype=torch.bfloat16)
+    result = _edit(pipe, _images(n=1), FACTUAL[:1], [EDITS[0][:1]], method="null_text", num_inference_steps=2,
+                   self_replace=[0.8], null_text_early_stop=0.0)
+    assert pipe.unet.dtype == torch.bfloat16 and result.unet_backward == 2 * 2  # 2 steps x 2 inner steps
+    assert all(np.isfinite(c).all() for c in result.counterfactuals)
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_the_engine_defaults_are_the_config_defaults_and_bad_settings_are_clear_errors(pipe):
+    defaults = EditConfig()
+    params = inspect.signature(counterfactuals).parameters
+    for name in ("cross_replace", "edit_word_weight", "null_text_inner_steps", "null_text_early_stop", "ddpm_skip",
+                 "num_inference_steps", "guidance_scale", "strength", "composite"):
+        assert params[name].default == getattr(defaults, name), name
+    assert list(params["self_replace"].default) == defaults.self_replace
+    for method in NEW_METHODS:
+        assert EditConfig(method=method).method == method
+    with pytest.raises(ValueError, match="self_replace"):
+        _edit(pipe, method="p2p", self_replace=[1.5])
+    with pytest.raises(ValueError, match="ddpm_skip"):
+        _edit(pipe, method="ddpm", ddpm_skip=1.0)
+    with pytest.raises(ValueError):
+        EditConfig(self_replace=[0.4, 1.2])
+
+
+def test_batch_inversions_compute_only_the_missing_images_once():
+    cache = InversionCache(max_images=2)
+    computed = []
+
+    def compute(indices):
+        computed.append(indices)
+        return [{"x": torch.full((1,), float(i))} for i in indices]
+
+    batch = BatchInversions(cache, [("model", "a"), ("model", "b"), ("model", "a")])
+    out = batch.per_image("ddim", ["p", "p", "p"], {"steps": 3}, compute)
+    assert computed == [[0, 1]] and [float(o["x"]) for o in out] == [0.0, 1.0, 0.0]
+    batch.per_image("ddim", ["p", "q", "p"], {"steps": 3}, compute)  # another prompt is another inversion
+    assert computed[-1] == [1] and len(cache) == 2  # the LRU bound holds
