@@ -117,7 +117,11 @@ class TinyModelConfig(_Section):
 
     unet_channels: list[int] = [32, 64]
     vae_channels: list[int] = Field([16, 32, 32], description="3 blocks: latents at 1/4 of the image size")
-    latent_channels: int = 4
+    latent_channels: int = Field(16, ge=1, description="16 x (1/4 x 1/4) = as many latent numbers as grey pixels: "
+                                 "a 4-channel latent cannot keep ribs and leads (issue 16); the UNet's cost is "
+                                 "set by the latent's size, not its channels")
+    vae_attention: bool = Field(False, description="self-attention in the VAE's mid block (SD has one; on 16x16 "
+                                "latents it only slows the fit)")
     text_hidden: int = 32
     text_layers: int = 2
     cross_attention_dim: int = 32
@@ -147,12 +151,21 @@ class ModelConfig(_Section):
 
 
 class VAEPretrainConfig(_Section):
-    """A brief VAE fit on the phantoms: a random tiny VAE cannot reconstruct a CXR, which makes every edit noise."""
+    """The tiny VAE's fit to the data: a random VAE reconstructs nothing, which makes every edit noise. The fit is
+    cached in object storage by its inputs (architecture, these settings, the fit images), so it runs once."""
 
     steps: int = Field(300, ge=0)
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0, description="peak of a one-cycle schedule")
     kl_weight: float = 1e-6
+    loss: Literal["l1_mse", "mse"] = Field("l1_mse", description="L1 keeps edges (ribs, leads, the meniscus) "
+                                           "sharper than MSE alone, which averages them away")
+    deterministic: bool = Field(True, description="decode the posterior mean while fitting (the engine encodes "
+                                "with the mean too); sampling adds noise the decoder must first learn to ignore")
+    images: int = Field(2048, ge=8, description="training images the fit draws from")
+    heldout: int = Field(128, ge=0, description="validate-split images its fidelity is reported on")
+    cache_uri: str | None = Field(None, description="where fitted VAEs are kept (local dir or s3://); default: "
+                                  "'vae-cache' beside output_uri")
 
 
 class TrainConfig(_Section):
@@ -167,6 +180,8 @@ class TrainConfig(_Section):
     gradient_clipping: float = 1.0
     max_steps: int = Field(200, ge=1)
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="empty prompt rate, for classifier-free guidance")
+    cache_latents: bool = Field(True, description="encode the training images with the frozen VAE once and train "
+                                "on the stored latents (DESIGN.md §6); off: encode every batch on the fly")
     train_text_encoder: bool = Field(False, description="train the text encoder with the UNet (a randomly "
                                                         "initialised domain encoder must learn the words; PRISM "
                                                         "freezes a pretrained CLIP)")

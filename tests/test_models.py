@@ -52,7 +52,8 @@ def test_latent_shape_and_decode_range(tiny_dir):
     pipe = load_pipeline(str(tiny_dir))
     latents = encode_images(pipe, np.zeros((3, 64, 64), dtype=np.uint8))
     factor = vae_scale_factor(pipe.vae)
-    assert latents.shape == (3, 4, 64 // factor, 64 // factor)
+    assert latents.shape == (3, pipe.vae.config.latent_channels, 64 // factor, 64 // factor)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 16
     out = decode_latents(pipe, latents)
     assert out.shape == (3, 64, 64) and out.min() >= 0 and out.max() <= 1
 

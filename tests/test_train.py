@@ -1,5 +1,5 @@
-"""Fine-tuning with the text encoder trained too (train.train_text_encoder), through the real Ray Train +
-DeepSpeed ZeRO-2 path on 2 CPU workers."""
+"""Fine-tuning with the text encoder trained too (train.train_text_encoder), on cached latents, through the real
+Ray Train + DeepSpeed ZeRO-2 path on 2 CPU workers."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     from cfgen.models.sd import load_pipeline
+    from cfgen.models.sd import encode_images
     from cfgen.pipeline.ingest import ingest, training_dataset
+    from cfgen.pipeline.latents import latent_dataset, latents_uri
     from cfgen.pipeline.workflows import base_model, run_phantoms
     from cfgen.train.trainer import fine_tune
 
@@ -23,8 +25,23 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     job.data.manifest_uri = run_phantoms(job)["manifest_parquet"]
     decoded = ingest(job).decoded_uri
     base = base_model(job, decoded)
-    out = fine_tune(job, training_dataset(job, decoded), base, str(tmp_path / "tuned"))
-    tuned, start = load_pipeline(out.model_uri), load_pipeline(base)
+    cached = latent_dataset(job, decoded, base)
+    tuned_from = latents_uri(job, base)
+    start = load_pipeline(base)
+    # the cache holds what the frozen VAE makes of each training image, paired with its prompt
+    rows = training_dataset(job, decoded).take_batch(4, batch_format="numpy")
+    stored = cached.take_batch(cached.count(), batch_format="numpy")
+    first = int(np.flatnonzero(stored["prompt"] == rows["prompt"][0])[0])
+    assert stored["latents"].shape[1:] == (job.model.tiny.latent_channels, 16, 16)
+    np.testing.assert_allclose(stored["latents"][first], encode_images(start, rows["image"][:1])[0].numpy(),
+                               atol=1e-4)
+    assert cached.count() == training_dataset(job, decoded).count()
+    # a second call reads the cache (same folder, nothing re-encoded)
+    mtime = (tmp_path / "run" / "latents" / tuned_from.rsplit("/", 1)[-1] / "_SUCCESS").stat().st_mtime
+    latent_dataset(job, decoded, base)
+    assert (tmp_path / "run" / "latents" / tuned_from.rsplit("/", 1)[-1] / "_SUCCESS").stat().st_mtime == mtime
+    out = fine_tune(job, cached, base, str(tmp_path / "tuned"))
+    tuned = load_pipeline(out.model_uri)
 
     def weights(module):
         return np.concatenate([p.detach().numpy().ravel() for p in module.parameters()])

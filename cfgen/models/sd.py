@@ -63,6 +63,7 @@ def build_tiny_pipeline(cfg: ModelConfig, seed: int = 0) -> StableDiffusionPipel
         layers_per_block=1,
         norm_num_groups=min(32, *tiny.vae_channels),
         sample_size=cfg.resolution,
+        mid_block_add_attention=tiny.vae_attention,
     )
     n_unet = len(tiny.unet_channels)
     unet = UNet2DConditionModel(

@@ -223,6 +223,7 @@ def _compose(subject: Subject, size: int, effects: PhantomEffects) -> tuple[np.n
         "device": device,
         "effusion": effusion > 0,
         "body": body >= 0.5,
+        "ribs": ribs * thorax > 0.3,
     }
     return image, regions
 
@@ -234,5 +235,5 @@ def render(subject: Subject, size: int, effects: PhantomEffects | None = None) -
 
 
 def render_regions(subject: Subject, size: int, effects: PhantomEffects | None = None) -> dict[str, np.ndarray]:
-    """Boolean masks of the regions an attribute can change: lungs, heart, device, effusion (and body)."""
+    """Boolean masks of the regions an attribute can change: lungs, heart, device, effusion (and body, ribs)."""
     return _compose(subject, int(size), effects or PhantomEffects())[1]

@@ -27,3 +27,25 @@ def changes_truth(scm: PhantomSCM, index: int, intervention: dict[str, Any]) -> 
     """Whether do(intervention) changes any of the subject's attributes (False for a null edit)."""
     subject = scm.subject(int(index))
     return scm.intervene(subject, intervention).attributes() != subject.attributes()
+
+
+#: structures the autoencoder must keep (issue 16): what edits act on or must leave alone
+STRUCTURES = ("ribs", "lung_edges", "device", "effusion_meniscus", "heart_border")
+
+
+def structure_masks(scm: PhantomSCM, index: int, decode: DecodeConfig) -> dict[str, np.ndarray]:
+    """Boolean [size, size] masks of the fine structures of subject `index`, at the decoded size: ribs, the lung
+    edges, the device (box and lead), the effusion's meniscus and the heart border (edges 2 pixels wide)."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    from cfgen.io.preprocess import to_fixed_size
+
+    regions = scm.render_regions(scm.subject(int(index)))
+    fixed = {k: to_fixed_size(v.astype(np.float32), decode.size, decode.resize_mode) > 0.5 for k, v in regions.items()}
+
+    def edge(mask: np.ndarray) -> np.ndarray:
+        return binary_dilation(mask) & ~binary_erosion(mask)
+
+    return {"ribs": fixed["ribs"], "lung_edges": edge(fixed["lungs"]), "device": binary_dilation(fixed["device"]),
+            "effusion_meniscus": edge(fixed["effusion"]) & fixed["lungs"] if fixed["effusion"].any()
+            else np.zeros_like(fixed["lungs"]), "heart_border": edge(fixed["heart"])}

@@ -62,23 +62,63 @@ def run_ingest(job: JobConfig):
     return result
 
 
+def vae_cache_uri(job: JobConfig) -> str:
+    """Fitted VAEs live beside the run folders (shared by every run on the same data), unless configured."""
+    return job.train.vae.cache_uri or join_uri(parent_uri(job.output_uri), "vae-cache")
+
+
+def autoencoder_fidelity(job: JobConfig, vae, decoded_uri: str) -> dict[str, Any]:
+    """The VAE's L1 on held-out (validate-split) images, whole and per fine structure where phantoms give them."""
+    from cfgen.metrics.image import reconstruction_fidelity
+    from cfgen.pipeline.ingest import decoded_rows
+    from cfgen.train.vae import reconstruct
+
+    n = job.train.vae.heldout
+    if n == 0:
+        return {}
+    columns = ["image", "phantom_index"] if phantom_config_for(job) else ["image"]
+    try:
+        held = decoded_rows(job, decoded_uri, ["validate"], columns=columns).limit(n).take_batch(
+            n, batch_format="numpy")
+    except (ValueError, KeyError, IndexError):  # no validate split (or an empty one)
+        return {}
+    images = np.asarray(held["image"])
+    structures = None
+    phantoms = phantom_config_for(job)
+    if phantoms is not None and "phantom_index" in held:
+        from cfgen.phantoms.scm import PhantomSCM
+        from cfgen.phantoms.truth import structure_masks
+
+        scm = PhantomSCM(phantoms)
+        masks = [structure_masks(scm, i, job.data.decode) for i in held["phantom_index"]]
+        structures = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
+    fidelity = reconstruction_fidelity(images, reconstruct(vae, images), structures)
+    return {"heldout_images": int(len(images)), "l1": fidelity}
+
+
 def base_model(job: JobConfig, decoded_uri: str) -> str:
-    """The model fine-tuning starts from: `model.pretrained`, or the tiny SD with its VAE fitted to the data."""
+    """The model fine-tuning starts from: `model.pretrained`, or the tiny SD with its VAE fitted to the data (the
+    fit comes from the VAE cache when an earlier run made it on the same data)."""
     if job.model.pretrained:
         return job.model.pretrained
     from cfgen.models.sd import build_tiny_pipeline, save_pipeline
     from cfgen.pipeline.ingest import training_dataset
-    from cfgen.train.vae import fit_vae
+    from cfgen.train.vae import cached_fit
 
     uri = join_uri(job.output_uri, "models", "base")
     if exists(join_uri(uri, "model_index.json"), job.storage):
         return uri
     pipe = build_tiny_pipeline(job.model, seed=job.train.seed)
-    sample = training_dataset(job, decoded_uri).limit(2048).take_batch(2048, batch_format="numpy")["image"]
-    losses = fit_vae(pipe.vae, np.asarray(sample), job.train.vae, seed=job.train.seed)
-    log.info("tiny VAE fitted on %d images: loss %.4f -> %.4f", len(sample), losses[0] if losses else float("nan"),
-             losses[-1] if losses else float("nan"))
+    n = job.train.vae.images
+    sample = np.asarray(training_dataset(job, decoded_uri).limit(n).take_batch(n, batch_format="numpy")["image"])
+    vae, record = cached_fit(pipe.vae, sample, job.model.tiny, job.model.resolution, job.train.vae,
+                             vae_cache_uri(job), job.storage, seed=job.train.seed)
+    pipe.vae = vae
+    pipe.register_modules(vae=vae)
+    record["fidelity"] = autoencoder_fidelity(job, vae, decoded_uri)
+    log.info("VAE (%s): %s", "reused" if record["cached"] else "fitted", json.dumps(record["fidelity"]))
     save_pipeline(pipe, uri, job.storage)
+    write_bytes(join_uri(uri, "vae_fit.json"), json.dumps(record, default=str).encode(), job.storage)
     return uri
 
 
@@ -99,7 +139,13 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
                                            "base_model_uri": base})
     started = time.time()
     try:
-        result = fine_tune(job, training_dataset(job, decoded_uri), base, output, mlflow_run_id=run_id)
+        if job.train.cache_latents:
+            from cfgen.pipeline.latents import latent_dataset
+
+            train_ds = latent_dataset(job, decoded_uri, base)
+        else:
+            train_ds = training_dataset(job, decoded_uri)
+        result = fine_tune(job, train_ds, base, output, mlflow_run_id=run_id)
     except BaseException:
         runs.end_run(job.tracking, run_id, "FAILED")
         raise

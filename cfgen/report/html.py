@@ -20,7 +20,7 @@ from cfgen.io.storage import join_uri, pyarrow_filesystem, read_bytes, write_byt
 
 METRIC_COLUMNS = (
     "cf_error_l1", "identity_error_l1", "effect_ratio", "l1_factual_counterfactual", "reconstruction_l1",
-    "autoencoder_l1", "null_ssim", "l1_outside_region", "reversibility_l1",
+    "autoencoder_l1", "null_ssim", "l1_outside_region", "reversibility_l1", "unet_forward", "unet_backward",
 )
 
 _STYLE = """
@@ -51,6 +51,10 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     if {"cf_error_l1", "identity_error_l1"} <= set(results.columns):
         beats = scored["cf_error_l1"] < scored["identity_error_l1"]
         table["cf_beats_identity"] = beats.groupby(scored["edit_name"]).mean()
+        # the verdict a user reads first: is this edit, on average, closer to the truth than not editing at all?
+        table["beats_doing_nothing"] = np.where(table["cf_error_l1"] < table["identity_error_l1"], "yes", "no")
+    if "method" in results.columns:
+        table.insert(0, "method", results.groupby("edit_name")["method"].first())
     if "clf_needs_change" in results.columns:
         clf = pd.DataFrame([classifier_summary(group) for _, group in results.groupby("edit_name")],
                            index=[name for name, _ in results.groupby("edit_name")])

@@ -187,7 +187,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             prompts = _dropout_prompts([str(p) for p in batch["prompt"]], train.prompt_dropout, rng)
             with torch.no_grad():
-                latents = encode_images(pipe, batch["image"])
+                if "latents" in batch:  # the cached latents of the frozen VAE (cfgen.pipeline.latents)
+                    latents = torch.from_numpy(np.asarray(batch["latents"], dtype=np.float32)).to(device)
+                else:
+                    latents = encode_images(pipe, batch["image"])
                 text = None if train.train_text_encoder else encode_prompts(pipe, prompts)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
