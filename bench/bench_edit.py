@@ -1,13 +1,35 @@
-"""The editing engine on phantoms, scored against the truth (issue 16, first part).
+"""The editing engine on phantoms, scored against the truth, and its speed against plain diffusers.
 
 For a trained model and its classifier (by default the demo's, `make demo` first), edits the first `--n` test
-images with each method variant and each edit, through `cfgen.editing.engine.counterfactuals` (the batch job's
-engine), and prints per (variant, edit), over the images whose true attributes the edit changes: UNet evaluations
-per counterfactual, error against the true counterfactual, the do-nothing error and their ratio, the median
-effect ratio, the null edit's SSIM, the classifier's flip rate, images/s. Writes bench/results/edit.json.
+phantoms with every method variant (`VARIANTS`: ddim, sdedit at strength 0.5 and 0.8, p2p, direct, null_text at
+PRISM's guidance 7.5 and at the config's, ddpm; compositing on and off), then the `--mask-best` best of them again
+confined to the lungs, through `cfgen.editing.engine.counterfactuals` called as the batch job calls it
+(`engine_options` of an `EditConfig`; the sweep methods' setting chosen per image by the attribute classifier,
+`cfgen.metrics.selection`). For each (variant, edit), over the images whose true attributes the edit changes:
 
-    .venv/bin/python bench/bench_edit.py                       # the demo's model, 64 test images
-    .venv/bin/python bench/bench_edit.py --n 16 --steps 10     # quicker
+- UNet evaluations per counterfactual, forward and backward (counted by the engine);
+- `cf_error`: mean L1 to the true counterfactual; `identity_error`: the same for doing nothing; their ratio;
+- the median effect ratio (how much of the true change the edit made where the truth changes);
+- the null edit's SSIM (the method's own reconstruction with the factual prompt, before compositing);
+- the classifier's flip rate (optimistic for the sweep methods: the same classifier chose their setting);
+- counterfactuals per second (all edits of a variant, end to end).
+
+The targets, for the best variant (lowest mean error ratio) at <= 150 UNet evaluations (forward + backward) per
+counterfactual, every edit: cf_error <= 0.5 x identity_error, median effect ratio >= 0.8, null-edit SSIM >= 0.95,
+flip rate >= 0.8; each printed PASS/MISS with its gap.
+
+Then the peer comparison (`bench/peers.py`): SDEdit, DDIM inversion + regeneration and edit-friendly DDPM against
+plain diffusers doing the same on the same model, images, prompts, steps and guidance, in this process, each timed
+after a warm-up, best of `--repeats`, with `torch.set_num_threads(--threads)` (2); images/s and the ratio
+engine/peer (target >= 1.0x). LEDITS++ runs last (it leaves the UNet's attention processors swapped; the peer
+restores them).
+
+Writes `--json` (bench/results/edit.json) as a list of rows: "kind" "edit" (one per variant and edit), "target"
+and "peer".
+
+    .venv/bin/python bench/bench_edit.py                                   # the demo's model, 64 test images
+    .venv/bin/python bench/bench_edit.py --n 4 --steps 5 --quick --threads 1 --json /tmp/edit.json   # smoke run
+    .venv/bin/python bench/bench_edit.py --methods ddim direct --no-peers  # some variants, no peer comparison
 """
 
 from __future__ import annotations
@@ -16,22 +38,64 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 EDITS = [{"support_devices": 0}, {"pleural_effusion": 1}, {"smoking": 1}, {"cardiomegaly": 1}]
-#: (name, engine settings); compositing and confinement are switches, measured, not assumed
-VARIANTS = [
-    ("ddim raw", dict(method="ddim", composite=False)),
-    ("ddim composite", dict(method="ddim", composite=True)),
-    ("ddim composite + lung mask", dict(method="ddim", composite=True, confine=True)),
-    ("sdedit 0.5 composite", dict(method="sdedit", strength=0.5, composite=True)),
-    ("sdedit 0.8 composite", dict(method="sdedit", strength=0.8, composite=True)),
-]
+#: UNet evaluations (forward + backward) per counterfactual the target variant may spend
+MAX_EVALUATIONS = 150
+#: (figure, row key, direction, threshold), every edit of the best variant
+TARGETS = [("cf_error / identity_error", "error_ratio", "<=", 0.5), ("median effect ratio", "effect_ratio", ">=", 0.8),
+           ("null-edit SSIM", "null_ssim", ">=", 0.95), ("flip rate", "flip_rate", ">=", 0.8)]
+PEER_TARGET = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    settings: dict[str, Any]  # EditConfig fields over the config's own
+    quick: bool = True  # part of a --quick run
+
+
+def variants(default_guidance: float) -> list[Variant]:
+    """Every method; compositing on and off (the autoencoder's error and the sampler's drift cancel only with it)."""
+    out = []
+    for name, settings in [("ddim", {"method": "ddim"}),
+                           ("sdedit 0.5", {"method": "sdedit", "strength": 0.5}),
+                           ("sdedit 0.8", {"method": "sdedit", "strength": 0.8}),
+                           ("p2p", {"method": "p2p"}),
+                           ("direct", {"method": "direct"}),
+                           ("null_text g7.5", {"method": "null_text", "guidance_scale": 7.5}),  # PRISM's
+                           (f"null_text g{default_guidance:g}", {"method": "null_text"}),
+                           ("ddpm", {"method": "ddpm"})]:
+        out.append(Variant(f"{name} raw", {**settings, "composite": False}, quick=False))
+        out.append(Variant(f"{name} composite", {**settings, "composite": True}, quick=name != f"null_text "
+                                                                                        f"g{default_guidance:g}"))
+    return out
+
+
+@dataclass
+class PhantomSet:
+    """The test phantoms, their prompts and truths, as every variant edits them."""
+
+    rows: list[dict[str, Any]]
+    images: np.ndarray  # uint8 [N,H,W]
+    x: np.ndarray  # float [N,H,W] in [0,1]
+    masks: np.ndarray  # lung masks [N,H,W]
+    factual_prompts: list[str]
+    cf_prompts: list[list[str]]  # per edit, per image
+    seeds: list[int]
+    truths: list[np.ndarray]  # per edit: float [N,H,W]
+    states: list[np.ndarray]  # per edit: the edited attribute's true factual value per image
+    before: dict[str, np.ndarray]  # the classifier on the inputs
 
 
 def load_test_rows(decoded_uri: str, n: int):
@@ -46,97 +110,278 @@ def load_test_rows(decoded_uri: str, n: int):
     return table.drop_columns(["image"]).to_pylist(), tensor_column(table, "image")
 
 
+def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
+    from cfgen.config import PhantomConfig
+    from cfgen.io.prompts import counterfactual_prompt
+    from cfgen.metrics.effectiveness import target_value
+    from cfgen.metrics.image import as_unit_float
+    from cfgen.phantoms.scm import PhantomSCM
+    from cfgen.phantoms.truth import true_counterfactual
+    from cfgen.pipeline.generate import confinement_masks, edit_seed
+
+    scm = PhantomSCM(PhantomConfig.model_validate_json((run / "phantoms" / "phantom_config.json").read_text()))
+    rows, images = load_test_rows(str(run / "ingest" / "decoded"), n)
+    masks, _ = confinement_masks(rows, job.edit, job.data.decode, job.storage)
+    truths, states = [], []
+    for edit in EDITS:
+        truths.append(np.stack([as_unit_float(true_counterfactual(scm, r["phantom_index"], edit, job.data.decode))
+                                for r in rows]))
+        (attr,) = edit
+        states.append(np.array([target_value(attr, scm.subject(r["phantom_index"]).attributes()[attr])
+                                for r in rows]))
+    return PhantomSet(rows=rows, images=images, x=as_unit_float(images), masks=masks,
+                      factual_prompts=[r["prompt"] for r in rows],
+                      cf_prompts=[[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS],
+                      seeds=[edit_seed(r["image_id"], job.edit.seed) for r in rows], truths=truths, states=states,
+                      before=classifier.predict(images))
+
+
+def edit_all(pipe, data: PhantomSet, edit_cfg, select, batch: int, n: int | None = None) -> dict[str, Any]:
+    """Every edit of the first `n` images with one variant, in batches, through the engine as the job calls it;
+    a fresh inversion cache, so a variant never reuses another's work."""
+    from cfgen.editing.engine import counterfactuals, engine_options
+    from cfgen.editing.inversion_cache import InversionCache
+
+    n = len(data.rows) if n is None else n
+    options = engine_options(edit_cfg)
+    cache = InversionCache()
+    outs, raws, nulls, settings = [[] for _ in EDITS], [[] for _ in EDITS], [], [[] for _ in EDITS]
+    forward = backward = 0.0
+    started = time.perf_counter()
+    for s in range(0, n, batch):
+        sl = slice(s, min(n, s + batch))
+        res = counterfactuals(pipe, data.images[sl], data.factual_prompts[sl], [p[sl] for p in data.cf_prompts],
+                              masks=data.masks[sl] if edit_cfg.confine == "mask" else None, seeds=data.seeds[sl],
+                              select=select, inversion_cache=cache, **options)
+        for k in range(len(EDITS)):
+            outs[k].append(res.counterfactuals[k])
+            raws[k].append(res.raw_counterfactuals[k])
+            settings[k].extend(res.settings[k])
+        nulls.append(res.null_edit)
+        forward += res.unet_forward * (sl.stop - sl.start)
+        backward += res.unet_backward * (sl.stop - sl.start)
+    return {"seconds": time.perf_counter() - started, "counterfactuals": [np.concatenate(o) for o in outs],
+            "raw": [np.concatenate(r) for r in raws], "null_edit": np.concatenate(nulls), "settings": settings,
+            "unet_forward": forward / n, "unet_backward": backward / n}
+
+
+def score_variant(name: str, edit_cfg, edited: dict[str, Any], data: PhantomSet, classifier,
+                  steps: int) -> list[dict[str, Any]]:
+    """One row per edit, over the images whose truth the edit changes."""
+    from cfgen.metrics.effectiveness import row_scores, summarize_scores, target_value
+    from cfgen.metrics.image import effect_ratio, l1, ssim
+
+    x = data.x
+    null_ssim = float(np.mean([ssim(x[i], edited["null_edit"][i]) for i in range(len(x))]))
+    rows = []
+    for k, edit in enumerate(EDITS):
+        cf, truth = edited["counterfactuals"][k], data.truths[k]
+        (attr, value), = edit.items()
+        idx = np.flatnonzero(data.states[k] != target_value(attr, value))
+        cf_err = float(np.mean([l1(cf[i], truth[i]) for i in idx])) if len(idx) else float("nan")
+        id_err = float(np.mean([l1(x[i], truth[i]) for i in idx])) if len(idx) else float("nan")
+        effects = [effect_ratio(x[i], cf[i], truth[i]) for i in idx]
+        scores = summarize_scores(row_scores(data.before, classifier.predict(cf), edit, data.states[k]))
+        rows.append({
+            "kind": "edit", "method": name, "engine_method": edit_cfg.method, "composite": edit_cfg.composite,
+            "confine": edit_cfg.confine, "guidance_scale": edit_cfg.guidance_scale, "edit": f"{attr}={value}",
+            "n": int(len(idx)), "steps": steps,
+            "unet_forward": edited["unet_forward"], "unet_backward": edited["unet_backward"],
+            "cf_error": cf_err, "identity_error": id_err,
+            "error_ratio": cf_err / id_err if id_err else float("nan"),
+            "effect_ratio": float(np.nanmedian(effects)) if np.isfinite(effects).any() else float("nan"),
+            "null_ssim": null_ssim, "flip_rate": scores["flip_rate"],
+            "max_off_target_shift": scores["max_off_target_shift"],
+            "images_per_s": len(x) * len(EDITS) / edited["seconds"],
+            "settings": dict(Counter(json.dumps(s, sort_keys=True) for s in edited["settings"][k])),
+        })
+    return rows
+
+
+def mean_error_ratio(rows: list[dict[str, Any]], name: str) -> float:
+    ratios = [r["error_ratio"] for r in rows if r["method"] == name and np.isfinite(r["error_ratio"])]
+    return float(np.mean(ratios)) if ratios else float("inf")
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PASS/MISS rows for the best variant (lowest mean error ratio) within MAX_EVALUATIONS per counterfactual."""
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    cost = {r["method"]: r["unet_forward"] + r["unet_backward"] for r in rows}
+    eligible = [m for m in names if cost[m] <= MAX_EVALUATIONS]
+    if not eligible:
+        return []
+    best = min(eligible, key=lambda m: mean_error_ratio(rows, m))
+    out = []
+    for r in (r for r in rows if r["method"] == best):
+        for figure, key, direction, threshold in TARGETS:
+            value = r[key]
+            gap = value - threshold if direction == ">=" else threshold - value  # >= 0 passes
+            out.append({"kind": "target", "method": best, "edit": r["edit"], "figure": figure, "value": value,
+                        "target": f"{direction} {threshold}", "pass": bool(np.isfinite(gap) and gap >= 0),
+                        "gap": float(gap), "unet_evaluations": cost[best]})
+    return out
+
+
+def compare_peers(pipe, data: PhantomSet, job, n: int, batch: int, repeats: int) -> list[dict[str, Any]]:
+    """Engine vs plain diffusers on the same n images x every edit; LEDITS++ last."""
+    import peers
+
+    from cfgen.editing.ddpm_inversion import start_step
+
+    edit = job.edit
+    steps, guidance = edit.num_inference_steps, edit.guidance_scale
+    images, factual, seeds = data.images[:n], data.factual_prompts[:n], data.seeds[:n]
+    prompts = [p[:n] for p in data.cf_prompts]
+    comparisons = [
+        (f"sdedit {edit.strength:g}", {"method": "sdedit"}, "StableDiffusionImg2ImgPipeline",
+         lambda m: peers.sdedit_img2img(pipe, images[:m], [p[:m] for p in prompts], edit.strength, steps, guidance,
+                                        seeds[:m], batch)),
+        ("ddim", {"method": "ddim"}, "DDIMInverseScheduler loop + StableDiffusionPipeline",
+         lambda m: peers.ddim_inverse_then_generate(pipe, images[:m], factual[:m], [p[:m] for p in prompts], steps,
+                                                    guidance, batch)),
+        (f"ddpm skip {edit.ddpm_skip:g}", {"method": "ddpm"}, "LEditsPPPipelineStableDiffusion (one image a call)",
+         lambda m: peers.ledits_pp(pipe, images[:m], factual[:m], [p[:m] for p in prompts], steps, guidance,
+                                   edit.ddpm_skip, seeds[:m])),
+    ]
+    out = []
+    for name, settings, peer_name, peer_run in comparisons:
+        cfg = edit.model_copy(update={**settings, "composite": False, "confine": "none"})  # raw, like the peer
+        edit_all(pipe, data, cfg, None, batch, n=1)  # warm-up
+        peers.counted(pipe, lambda: peer_run(1))
+        engine_s, peer_s = float("inf"), float("inf")
+        for _ in range(repeats):
+            engine = edit_all(pipe, data, cfg, None, batch, n=n)
+            engine_s = min(engine_s, engine["seconds"])
+            peer_out, seconds, peer_rows = peers.counted(pipe, lambda: peer_run(n))
+            peer_s = min(peer_s, seconds)
+        made = n * len(EDITS)
+        engine_ips, peer_ips = made / engine_s, made / peer_s
+        difference = float(np.mean([np.abs(e - p).mean() for e, p in zip(engine["raw"], peer_out)]))
+        out.append({"kind": "peer", "method": name, "peer": peer_name, "n_images": n, "counterfactuals": made,
+                    "steps": steps, "guidance_scale": guidance,
+                    "sampled_steps": steps - start_step(edit.ddpm_skip, steps) if settings["method"] == "ddpm"
+                    else None,
+                    "engine_images_per_s": engine_ips, "peer_images_per_s": peer_ips, "ratio": engine_ips / peer_ips,
+                    "engine_unet_forward": engine["unet_forward"], "peer_unet_forward": peer_rows / made,
+                    "mean_abs_difference": difference, "target": f">= {PEER_TARGET}x",
+                    "pass": engine_ips / peer_ips >= PEER_TARGET})
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
+
+
+def print_tables(edit_rows: list[dict[str, Any]], targets: list[dict[str, Any]], peer_rows: list[dict[str, Any]]):
+    print("| method | edit | n | UNet fwd/cf | bwd/cf | cf error | do-nothing | ratio | median effect | null SSIM | "
+          "flip rate | off-target | cf/s | settings chosen |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in edit_rows:
+        chosen = ", ".join(f"{k} x{v}" for k, v in r["settings"].items() if k != "{}")
+        print(f"| {r['method']} | {r['edit']} | {r['n']} | {r['unet_forward']:.1f} | {r['unet_backward']:.1f} | "
+              f"{_fmt(r['cf_error'], '.4f')} | {_fmt(r['identity_error'], '.4f')} | {_fmt(r['error_ratio'], '.2f')} | "
+              f"{_fmt(r['effect_ratio'], '.2f')} | {r['null_ssim']:.3f} | {_fmt(r['flip_rate'], '.2f')} | "
+              f"{_fmt(r['max_off_target_shift'], '.2f')} | {r['images_per_s']:.2f} | {chosen or '-'} |")
+    print()
+    if targets:
+        print(f"Targets, best variant at <= {MAX_EVALUATIONS} UNet evaluations per counterfactual: "
+              f"{targets[0]['method']} ({targets[0]['unet_evaluations']:.0f})")
+        print("| edit | figure | value | target | result | gap |")
+        print("|---|---|---|---|---|---|")
+        for t in targets:
+            print(f"| {t['edit']} | {t['figure']} | {_fmt(t['value'], '.3f')} | {t['target']} | "
+                  f"{'PASS' if t['pass'] else 'MISS'} | {_fmt(t['gap'], '+.3f')} |")
+    else:
+        print(f"Targets: no variant ran within {MAX_EVALUATIONS} UNet evaluations per counterfactual")
+    if peer_rows:
+        print()
+        print("| method | peer | images | engine img/s | peer img/s | engine/peer | result | UNet fwd/cf engine | "
+              "peer | mean abs difference |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for p in peer_rows:
+            print(f"| {p['method']} | {p['peer']} | {p['n_images']} | {p['engine_images_per_s']:.2f} | "
+                  f"{p['peer_images_per_s']:.2f} | {p['ratio']:.2f}x | {'PASS' if p['pass'] else 'MISS'} "
+                  f"({p['ratio'] - PEER_TARGET:+.2f}) | {p['engine_unet_forward']:.1f} | "
+                  f"{p['peer_unet_forward']:.1f} | {p['mean_abs_difference']:.4f} |")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an edit no image needed) as null, so the file is strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="output folder of a finished demo")
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, help="inference steps (default: the config's edit.num_inference_steps)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", help="diffusers folder to edit with (default: <run>/models/finetuned)")
-    parser.add_argument("--variants", nargs="*", help="names of VARIANTS to run (default: all)")
+    parser.add_argument("--methods", nargs="*", help="engine methods (ddim sdedit p2p direct null_text ddpm) or "
+                                                     "variant names to run (default: all)")
+    parser.add_argument("--mask-best", type=int, help="run this many of the best composite variants again, "
+                                                      "confined to the lung mask (default 3; --quick 1)")
+    parser.add_argument("--no-peers", action="store_true", help="leave out the comparison with plain diffusers")
+    parser.add_argument("--peer-n", type=int, help="images of the peer comparison (default: --n)")
+    parser.add_argument("--repeats", type=int, help="timed runs per party in the peer comparison, best kept "
+                                                    "(default 2; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: composite variants only, one masked, "
+                                                             "one timed run per peer")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (2 on an idle 2-core machine; 1 where another job keeps a core busy: "
+                             "two threads contending with it were measured 36x slower per UNet call)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "edit.json"))
     args = parser.parse_args()
 
     import torch
 
     from cfgen.classify.store import load_classifier
-    from cfgen.config import PhantomConfig, load_config
-    from cfgen.editing.engine import counterfactuals
-    from cfgen.io.preprocess import read_mask
-    from cfgen.io.prompts import counterfactual_prompt
-    from cfgen.metrics.effectiveness import row_scores, summarize_scores, target_value
-    from cfgen.metrics.image import as_unit_float, effect_ratio, l1, ssim
+    from cfgen.config import load_config
+    from cfgen.metrics.selection import classifier_selection
     from cfgen.models.sd import load_pipeline
-    from cfgen.phantoms.scm import PhantomSCM
-    from cfgen.phantoms.truth import true_counterfactual
-    from cfgen.pipeline.generate import edit_seed
 
-    torch.set_num_threads(2)
-    job = load_config(args.config, [f"output_uri={args.run}"])
+    torch.set_num_threads(args.threads)
+    overrides = [f"output_uri={args.run}"] + ([f"edit.num_inference_steps={args.steps}"] if args.steps else [])
+    job = load_config(args.config, overrides)
     run = Path(args.run)
     pipe = load_pipeline(args.model or str(run / "models" / "finetuned"))
     classifier = load_classifier(str(run / "models" / "classifier"))
-    scm = PhantomSCM(PhantomConfig.model_validate_json((run / "phantoms" / "phantom_config.json").read_text()))
-    rows, images = load_test_rows(str(run / "ingest" / "decoded"), args.n)
-    masks = np.stack([read_mask(r["mask_uri"], job.data.decode) for r in rows]).astype(np.float32)
-    factual_prompts = [r["prompt"] for r in rows]
-    cf_prompts = [[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS]
-    seeds = [edit_seed(r["image_id"], 0) for r in rows]
-    truths = [np.stack([as_unit_float(true_counterfactual(scm, r["phantom_index"], e, job.data.decode))
-                        for r in rows]) for e in EDITS]
-    before = classifier.predict(images)
-    x = as_unit_float(images)
+    select = classifier_selection(classifier, EDITS)
+    data = load_phantom_set(job, run, classifier, args.n)
+    steps = job.edit.num_inference_steps
 
-    results = []
-    for name, settings in VARIANTS:
-        if args.variants and name not in args.variants:
-            continue
-        confine = settings.pop("confine", False)
-        outs, nulls, started, forward, backward = [[] for _ in EDITS], [], time.perf_counter(), 0.0, 0.0
-        for s in range(0, len(rows), args.batch):
-            sl = slice(s, s + args.batch)
-            res = counterfactuals(pipe, images[sl], factual_prompts[sl], [p[sl] for p in cf_prompts],
-                                  num_inference_steps=args.steps, masks=masks[sl] if confine else None,
-                                  seeds=seeds[sl], **settings)
-            for k, cf in enumerate(res.counterfactuals):
-                outs[k].append(cf)
-            nulls.append(res.null_edit)
-            forward += res.unet_forward * len(images[sl])
-            backward += res.unet_backward * len(images[sl])
-        seconds = time.perf_counter() - started
-        null = np.concatenate(nulls)
-        null_ssim = float(np.mean([ssim(x[i], null[i]) for i in range(len(x))]))
-        for k, edit in enumerate(EDITS):
-            cf, truth = np.concatenate(outs[k]), truths[k]
-            (attr, value), = edit.items()
-            state = np.array([target_value(attr, scm.subject(r["phantom_index"]).attributes()[attr]) for r in rows])
-            changes = state != target_value(attr, value)
-            idx = np.flatnonzero(changes)
-            cf_err = float(np.mean([l1(cf[i], truth[i]) for i in idx]))
-            id_err = float(np.mean([l1(x[i], truth[i]) for i in idx]))
-            effects = [effect_ratio(x[i], cf[i], truth[i]) for i in idx]
-            scores = summarize_scores(row_scores(before, classifier.predict(cf), edit, state))
-            results.append({
-                "method": name, "edit": f"{attr}={value}", "n": int(len(idx)),
-                "unet_forward": forward / len(rows), "unet_backward": backward / len(rows),
-                "cf_error": cf_err, "identity_error": id_err, "error_ratio": cf_err / id_err,
-                "effect_ratio": float(np.nanmedian(effects)), "null_ssim": null_ssim,
-                "flip_rate": scores["flip_rate"], "max_off_target_shift": scores["max_off_target_shift"],
-                "images_per_s": len(rows) * len(EDITS) / seconds, "steps": args.steps,
-            })
-        settings["confine"] = confine
+    chosen = [v for v in variants(job.edit.guidance_scale) if (v.quick or not args.quick) and (
+        not args.methods or v.name in args.methods or v.settings["method"] in args.methods)]
+    edit_rows: list[dict[str, Any]] = []
+
+    def run_variant(name: str, settings: dict[str, Any]) -> None:
+        cfg = job.edit.model_copy(update=settings)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+        edit_rows.extend(score_variant(name, cfg, edit_all(pipe, data, cfg, select, args.batch), data, classifier,
+                                       steps))
+
+    for v in chosen:
+        run_variant(v.name, v.settings)
+    mask_best = args.mask_best if args.mask_best is not None else (1 if args.quick else 3)
+    composites = [v for v in chosen if v.settings["composite"]]
+    for v in sorted(composites, key=lambda v: mean_error_ratio(edit_rows, v.name))[:mask_best]:
+        run_variant(f"{v.name} + lung mask", {**v.settings, "confine": "mask"})
+    targets = check_targets(edit_rows)
+    peer_rows = [] if args.no_peers else compare_peers(
+        pipe, data, job, min(args.peer_n or args.n, len(data.rows)), args.batch,
+        args.repeats or (1 if args.quick else 2))
+
+    meta = {"n_images": len(data.rows), "model": args.model or str(run / "models" / "finetuned"),
+            "threads": args.threads}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"run": args.run, "model": args.model, "n_images": len(rows),
-                                           "steps": args.steps,
-                                           "rows": results}, indent=2))
-    print("| method | edit | n | UNet fwd/cf | cf error | do-nothing | ratio | median effect | null SSIM | "
-          "flip rate | off-target | cf/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['method']} | {r['edit']} | {r['n']} | {r['unet_forward']:.0f} | {r['cf_error']:.4f} | "
-              f"{r['identity_error']:.4f} | {r['error_ratio']:.2f} | {r['effect_ratio']:.2f} | {r['null_ssim']:.3f} | "
-              f"{r['flip_rate']:.2f} | {r['max_off_target_shift']:.2f} | {r['images_per_s']:.1f} |")
+    Path(args.json).write_text(json.dumps([_json_safe({**meta, **r}) for r in edit_rows + targets + peer_rows],
+                                          indent=2))
+    print_tables(edit_rows, targets, peer_rows)
     return 0
 
 

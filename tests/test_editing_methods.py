@@ -15,7 +15,7 @@ from cfgen.config import EditConfig, ModelConfig
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_invert, ddim_sample
 from cfgen.editing.ddpm_inversion import ddpm_invert, ddpm_sample
-from cfgen.editing.engine import counterfactuals
+from cfgen.editing.engine import counterfactuals, engine_options
 from cfgen.editing.inversion_cache import BatchInversions, InversionCache
 from cfgen.editing.null_text import null_text_optimise
 from cfgen.editing.prompt_to_prompt import (MAX_SELF_REPLACE_QUERIES, AttentionControl, EditLayout,
@@ -161,7 +161,7 @@ def test_direct_inversion_keeps_the_source_branch_on_the_inversion_with_a_real_u
 def test_ddpm_inversion_reconstructs_exactly_with_a_real_unet(pipe, skip, guidance):
     latents = encode_images(pipe, _images(4))
     cond, uncond = encode_prompts(pipe, FACTUAL), encode_prompts(pipe, [""] * 2)
-    noise = torch.randn(5, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(5, *latents.shape, generator=torch.Generator().manual_seed(0))
     trajectory, maps = ddpm_invert(pipe.unet, pipe.scheduler, latents, cond, noise, 5, uncond, guidance, skip)
     assert maps.abs().max() > 1.0  # the maps carry the image, not a copy of the noise
     null_edit = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, cond, 5, uncond, guidance, skip)
@@ -187,7 +187,7 @@ def test_null_text_optimisation_retraces_a_trajectory_that_null_embeddings_can_p
             path.append(x)
         return torch.stack(path[::-1])  # x_0 first, like an inversion
 
-    x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_t = torch.randn(2, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     hidden = uncond + 0.05 * torch.randn(uncond.shape, generator=torch.Generator().manual_seed(1))
     trajectory = guided_path(x_t, hidden.expand(steps, -1, -1, -1))
     counter = CountingUNet(unet)
@@ -338,6 +338,16 @@ def test_the_engine_defaults_are_the_config_defaults_and_bad_settings_are_clear_
         _edit(pipe, method="ddpm", ddpm_skip=1.0)
     with pytest.raises(ValueError):
         EditConfig(self_replace=[0.4, 1.2])
+
+
+def test_engine_options_carry_every_setting_of_the_config_the_engine_takes():
+    edit = EditConfig(method="null_text", num_inference_steps=7, guidance_scale=3.0, strength=0.3, composite=False,
+                      cross_replace=0.5, self_replace=[0.3, 0.7], edit_word_weight=1.5, null_text_inner_steps=4,
+                      null_text_early_stop=1e-3, ddpm_skip=0.1)
+    options = engine_options(edit)
+    assert set(options) == set(inspect.signature(counterfactuals).parameters) & set(EditConfig.model_fields)
+    for name, value in options.items():
+        assert value == (tuple(edit.self_replace) if name == "self_replace" else getattr(edit, name)), name
 
 
 def test_batch_inversions_compute_only_the_missing_images_once():

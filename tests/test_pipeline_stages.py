@@ -200,4 +200,42 @@ def test_counterfactual_stage_confines_each_edit_to_the_rows_lung_mask(tmp_path)
         outside = ~binary_dilation(lungs, iterations=1)
         assert outside.any() and np.array_equal(cfs[i][outside], images[i][outside])
     assert out["method"].to_pylist() == ["ddim"] * 3
+    assert out["edit_setting"].to_pylist() == ["{}"] * 3  # no sweep to choose from
     assert out["unet_evaluations"].to_pylist() == [(1 + 1 + 1) * 2] * 3
+
+
+@pytest.mark.parametrize("method", ["p2p", "direct"])
+def test_counterfactual_stage_lets_the_classifier_choose_each_rows_sweep_setting_and_writes_it(tmp_path, method):
+    """A sweep method with a classifier: the stage loads it once, the engine asks it for every edit of the batch,
+    and every row says which self-replace setting won."""
+    import torch
+
+    from cfgen.classify.network import AttributeClassifier, network_config
+    from cfgen.classify.store import save_classifier
+    from cfgen.config import ClassifierConfig, JobConfig, ModelConfig
+    from cfgen.models.sd import build_tiny_pipeline, save_pipeline
+    from cfgen.pipeline.generate import CounterfactualStage
+
+    torch.manual_seed(0)
+    save_classifier(AttributeClassifier(network_config(ClassifierConfig(
+        attributes=["support_devices", "pleural_effusion"], init_features=8, growth_rate=4, block_config=[2, 2],
+        image_size=32))), str(tmp_path / "clf"))
+    save_pipeline(build_tiny_pipeline(ModelConfig(), seed=0), str(tmp_path / "sd"))
+    _, rows = _phantom_rows(tmp_path, n=2)
+    decoded = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(rows)
+    edits = [{"support_devices": 0}, {"pleural_effusion": 1}]
+    job = JobConfig.model_validate({"edit": {"method": method, "num_inference_steps": 2, "self_replace": [0.4, 0.8],
+                                             "edits": edits}})
+    stage = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"),
+                                classifier_uri=str(tmp_path / "clf"))
+    asked, select = [], stage.select
+    stage.select = lambda candidates, image, e: asked.append((len(candidates), e)) or select(candidates, image, e)
+    out = stage(decoded)
+    assert asked == [(2, 0), (2, 1)]
+    settings = [json.loads(s) for s in out["edit_setting"].to_pylist()]
+    assert len(settings) == 4 and all(set(s) == {"self_replace"} and s["self_replace"] in (0.4, 0.8)
+                                      for s in settings)
+    assert out["method"].to_pylist() == [method] * 4
+    plain = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"))
+    assert plain.select is None  # no classifier: the engine's default, the most preserving setting
+    assert [json.loads(s) for s in plain(decoded)["edit_setting"].to_pylist()] == [{"self_replace": 0.8}] * 4

@@ -29,14 +29,18 @@ Methods (each its own module and function):
 Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
 every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
 candidate per self-replace setting; `select` (a callable scoring the candidates, e.g. with the project's attribute
-classifier, DESIGN.md §2) picks one per image, by default the largest setting (the most preserving), and the
-result records the winner.
+classifier, DESIGN.md §2, `cfgen.metrics.selection`) picks one per image, by default the largest setting (the
+most preserving), and the result records the winner.
+
+`engine_options` maps an `EditConfig` to the engine's keyword arguments, so that every caller (the batch job, Serve,
+the benchmarks) edits with the same settings from the same config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,7 +55,12 @@ from cfgen.editing.null_text import null_text_edit
 from cfgen.editing.prompt_to_prompt import PromptToPromptSettings, p2p_edit
 from cfgen.editing.sdedit import sdedit
 
+if TYPE_CHECKING:
+    from cfgen.config import EditConfig
+
 METHODS = ("ddim", "sdedit", "p2p", "null_text", "direct", "ddpm")
+#: The methods that make one candidate per self-replace setting, for `select` to choose from.
+SWEEP_METHODS = ("p2p", "null_text", "direct")
 
 #: select(candidates, image, edit_index) -> scores [n_settings, B]: candidates is one [B,H,W] float image in [0,1]
 #: per sweep setting (after compositing and confinement, i.e. what would be returned), image the input [B,H,W].
@@ -73,6 +82,18 @@ class EngineResult:
     @property
     def unet_evaluations(self) -> int:
         return self.unet_forward_per_image
+
+
+def engine_options(edit: EditConfig) -> dict[str, Any]:
+    """`counterfactuals`' settings from the config, by name; what varies per call (the images' masks and seeds,
+    `select`, the cache) is the caller's."""
+    return dict(
+        method=edit.method, num_inference_steps=edit.num_inference_steps, guidance_scale=edit.guidance_scale,
+        strength=edit.strength, composite=edit.composite, cross_replace=edit.cross_replace,
+        self_replace=tuple(edit.self_replace), edit_word_weight=edit.edit_word_weight,
+        null_text_inner_steps=edit.null_text_inner_steps, null_text_early_stop=edit.null_text_early_stop,
+        ddpm_skip=edit.ddpm_skip,
+    )
 
 
 def _latent_mask(mask: np.ndarray, latent_shape: tuple[int, ...], device, dtype) -> torch.Tensor:

@@ -44,11 +44,16 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class CounterfactualStage:
-    """Ray Data actor: holds one pipeline, edits a batch of decoded rows for every configured edit."""
+    """Ray Data actor: holds one pipeline, edits a batch of decoded rows for every configured edit.
 
-    def __init__(self, model_uri: str, job: dict[str, Any]):
+    With `classifier_uri` and a sweep method (p2p, null_text, direct, more than one self_replace setting), the
+    attribute classifier (loaded once, here) chooses each image's setting (`cfgen.metrics.selection`); without one
+    the engine keeps the most preserving setting. The choice is written per row (`edit_setting`)."""
+
+    def __init__(self, model_uri: str, job: dict[str, Any], classifier_uri: str | None = None):
         import torch
 
+        from cfgen.editing.engine import SWEEP_METHODS
         from cfgen.models.sd import load_pipeline, pick_device
 
         self.job = JobConfig.model_validate(job)
@@ -56,9 +61,17 @@ class CounterfactualStage:
         device = pick_device(self.job.model.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(model_uri, self.job.storage, device=device, dtype=dtype)
+        edit = self.job.edit
+        self.select = None
+        if classifier_uri and edit.method in SWEEP_METHODS and len(edit.self_replace) > 1:
+            from cfgen.classify.store import load_classifier
+            from cfgen.metrics.selection import classifier_selection
+
+            classifier = load_classifier(classifier_uri, self.job.storage, self.job.tracking, device=device)
+            self.select = classifier_selection(classifier, edit.edits)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cfgen.editing.engine import counterfactuals
+        from cfgen.editing.engine import counterfactuals, engine_options
 
         edit: EditConfig = self.job.edit
         prompt: PromptConfig = self.job.data.prompt
@@ -67,17 +80,18 @@ class CounterfactualStage:
         rows = meta.to_pylist()
         factual = [str(r["prompt"]) for r in rows]
         cf_prompts = [[counterfactual_prompt(r, e, prompt) for r in rows] for e in edit.edits]
-        masks, confined = self.masks(rows) if edit.confine == "mask" else (None, [False] * len(rows))
-        settings = dict(method=edit.method, num_inference_steps=edit.num_inference_steps,
-                        guidance_scale=edit.guidance_scale, strength=edit.strength, composite=edit.composite,
-                        masks=masks, seeds=[edit_seed(r["image_id"], edit.seed) for r in rows])
-        result = counterfactuals(self.pipe, images, factual, cf_prompts, **settings)
+        masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
+            if edit.confine == "mask" else (None, [False] * len(rows))
+        options = dict(engine_options(edit), masks=masks,
+                       seeds=[edit_seed(r["image_id"], edit.seed) for r in rows])
+        result = counterfactuals(self.pipe, images, factual, cf_prompts, select=self.select, **options)
         n, k = len(rows), len(edit.edits)
         out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
         extra: dict[str, Any] = {}
         if self.job.metrics.reversibility:
-            # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual
-            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **settings)
+            # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual;
+            # the way back has each row's own target, so the engine's default setting, not the selection
+            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **options)
                      for cf, prompts in zip(result.counterfactuals, cf_prompts)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         added = typed_table({
@@ -90,6 +104,8 @@ class CounterfactualStage:
             "counterfactual_prompt": [p for prompts in cf_prompts for p in prompts],
             "seed": np.full(n * k, edit.seed, dtype=np.int64),
             "method": [edit.method] * (n * k),
+            # the chosen sweep setting, e.g. {"self_replace": 0.6}; {} for a method without a sweep
+            "edit_setting": [json.dumps(s, sort_keys=True) for per_edit in result.settings for s in per_edit],
             "composited": np.full(n * k, edit.composite),
             "confined": np.tile(np.asarray(confined, dtype=bool), k),
             "model_uri": [self.model_uri] * (n * k),
@@ -101,20 +117,21 @@ class CounterfactualStage:
         })
         return append_columns(out, added)
 
-    def masks(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[bool]]:
-        """The rows' masks (mask_uri, decoded like the images, grown by edit.mask_dilation) and which rows had one;
-        a row without a readable mask is edited everywhere and says so in its `confined` column."""
-        from cfgen.io.preprocess import read_mask
 
-        edit, decode = self.job.edit, self.job.data.decode
-        masks = np.ones((len(rows), decode.size, decode.size), dtype=np.float32)
-        confined = []
-        for i, row in enumerate(rows):
-            region = read_mask(row.get("mask_uri"), decode, self.job.storage, edit.mask_dilation)
-            if region is not None:  # no mask: this row is edited everywhere, and the row says so
-                masks[i] = region
-            confined.append(region is not None)
-        return masks, confined
+def confinement_masks(rows: list[dict[str, Any]], edit: EditConfig, decode: DecodeConfig,
+                      storage: StorageConfig | None = None) -> tuple[np.ndarray, list[bool]]:
+    """The rows' masks (mask_uri, decoded like the images, grown by edit.mask_dilation) and which rows had one;
+    a row without a readable mask is edited everywhere (all ones) and says so in its `confined` column."""
+    from cfgen.io.preprocess import read_mask
+
+    masks = np.ones((len(rows), decode.size, decode.size), dtype=np.float32)
+    confined = []
+    for i, row in enumerate(rows):
+        region = read_mask(row.get("mask_uri"), decode, storage, edit.mask_dilation)
+        if region is not None:
+            masks[i] = region
+        confined.append(region is not None)
+    return masks, confined
 
 
 def edit_seed(image_id: Any, seed: int) -> int:
@@ -283,7 +300,9 @@ def generate(
     phantoms: PhantomConfig | None = None,
     classifier_uri: str | None = None,
 ) -> GenerateResult:
-    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`."""
+    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`.
+
+    `classifier_uri` chooses the sweep methods' setting per image and, where metrics are on, scores every row."""
     import pyarrow.dataset as pds
     import ray.data
 
@@ -304,7 +323,8 @@ def generate(
 
     cf = ds.map_batches(
         CounterfactualStage,
-        fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python")},
+        fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python"),
+                               "classifier_uri": classifier_uri},
         compute=ray.data.ActorPoolStrategy(size=edit.num_actors),
         batch_size=edit.batch_size,
         num_cpus=edit.cpus_per_actor,
