@@ -20,9 +20,9 @@ flip rate >= 0.8; each printed PASS/MISS with its gap.
 
 Then the peer comparison (`bench/peers.py`): SDEdit, DDIM inversion + regeneration and edit-friendly DDPM against
 plain diffusers doing the same on the same model, images, prompts, steps and guidance, in this process, each timed
-after a warm-up, best of `--repeats`, with `torch.set_num_threads(--threads)` (2); images/s and the ratio
-engine/peer (target >= 1.0x). LEDITS++ runs last (it leaves the UNet's attention processors swapped; the peer
-restores them).
+after a warm-up, best of `--repeats`, with `torch.set_num_threads(--threads)` (2), the engine making only the edits
+as the peer does (no null edit); images/s and the ratio engine/peer (target >= 1.0x). LEDITS++ runs last (it leaves
+the UNet's attention processors swapped; the peer restores them).
 
 Writes `--json` (bench/results/edit.json) as a list of rows: "kind" "edit" (one per variant and edit), "target"
 and "peer".
@@ -245,24 +245,28 @@ def compare_peers(pipe, data: PhantomSet, job, n: int, batch: int, repeats: int)
     ]
     out = []
     for name, settings, peer_name, peer_run in comparisons:
-        cfg = edit.model_copy(update={**settings, "composite": False, "confine": "none"})  # raw, like the peer
-        edit_all(pipe, data, cfg, None, batch, n=1)  # warm-up
+        cfg = edit.model_copy(update=settings)
+
+        def engine_run(m: int, cfg=cfg) -> list[np.ndarray]:  # the same work as the peer: raw edits, no null edit
+            return peers.engine_edits(pipe, images[:m], factual[:m], [p[:m] for p in prompts], cfg, seeds[:m], batch)
+
+        peers.counted(pipe, lambda: engine_run(1))  # warm-up
         peers.counted(pipe, lambda: peer_run(1))
         engine_s, peer_s = float("inf"), float("inf")
         for _ in range(repeats):
-            engine = edit_all(pipe, data, cfg, None, batch, n=n)
-            engine_s = min(engine_s, engine["seconds"])
+            engine_out, seconds, engine_rows = peers.counted(pipe, lambda: engine_run(n))
+            engine_s = min(engine_s, seconds)
             peer_out, seconds, peer_rows = peers.counted(pipe, lambda: peer_run(n))
             peer_s = min(peer_s, seconds)
         made = n * len(EDITS)
         engine_ips, peer_ips = made / engine_s, made / peer_s
-        difference = float(np.mean([np.abs(e - p).mean() for e, p in zip(engine["raw"], peer_out)]))
+        difference = float(np.mean([np.abs(e - p).mean() for e, p in zip(engine_out, peer_out)]))
         out.append({"kind": "peer", "method": name, "peer": peer_name, "n_images": n, "counterfactuals": made,
                     "steps": steps, "guidance_scale": guidance,
                     "sampled_steps": steps - start_step(edit.ddpm_skip, steps) if settings["method"] == "ddpm"
                     else None,
                     "engine_images_per_s": engine_ips, "peer_images_per_s": peer_ips, "ratio": engine_ips / peer_ips,
-                    "engine_unet_forward": engine["unet_forward"], "peer_unet_forward": peer_rows / made,
+                    "engine_unet_forward": engine_rows / made, "peer_unet_forward": peer_rows / made,
                     "mean_abs_difference": difference, "target": f">= {PEER_TARGET}x",
                     "pass": engine_ips / peer_ips >= PEER_TARGET})
     return out

@@ -127,6 +127,21 @@ def test_the_null_edit_is_the_input_after_compositing(pipe):
     assert np.abs(result.null_edit - images / 255.0).mean() > 0.01  # the raw reconstruction is not
 
 
+@pytest.mark.parametrize("method", ["ddim", "sdedit"])
+def test_without_the_null_edit_only_the_edits_are_sampled_unless_compositing_needs_it(pipe, method):
+    kwargs = dict(method=method, num_inference_steps=5, strength=0.6, guidance_scale=2.0, seeds=[1, 2])
+    full = counterfactuals(pipe, _images(7), FACTUAL, EDITS, composite=False, **kwargs)
+    edits_only = counterfactuals(pipe, _images(7), FACTUAL, EDITS, composite=False, null_edit=False, **kwargs)
+    assert edits_only.null_edit is None and full.null_edit is not None
+    sampled = 5 if method == "ddim" else 3  # SDEdit at strength 0.6 samples 3 of the 5 steps
+    assert full.unet_forward_per_image - edits_only.unet_forward_per_image == sampled * 2  # one prompt list, guided
+    for a, b in zip(full.counterfactuals, edits_only.counterfactuals):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # the same edits, sampled in a smaller batch
+    composited = counterfactuals(pipe, _images(7), FACTUAL, EDITS, composite=True, null_edit=False, **kwargs)
+    assert composited.unet_forward_per_image == full.unet_forward_per_image
+    np.testing.assert_allclose(composited.null_edit, full.null_edit, atol=1e-5)
+
+
 def test_unknown_method_and_bad_strength_are_clear_errors(pipe):
     with pytest.raises(ValueError, match="unknown editing method"):
         counterfactuals(pipe, _images(), FACTUAL, EDITS, method="magic")

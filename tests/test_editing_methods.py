@@ -15,7 +15,7 @@ from cfgen.config import EditConfig, ModelConfig
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_invert, ddim_sample
 from cfgen.editing.ddpm_inversion import ddpm_invert, ddpm_sample
-from cfgen.editing.engine import counterfactuals, engine_options
+from cfgen.editing.engine import METHODS, counterfactuals, engine_options
 from cfgen.editing.inversion_cache import BatchInversions, InversionCache
 from cfgen.editing.null_text import null_text_optimise
 from cfgen.editing.prompt_to_prompt import (MAX_SELF_REPLACE_QUERIES, AttentionControl, EditLayout,
@@ -150,10 +150,45 @@ def test_every_inversion_is_exact_with_a_zero_noise_prediction(zero_prediction, 
 
 
 def test_direct_inversion_keeps_the_source_branch_on_the_inversion_with_a_real_unet(pipe):
+    latents = encode_images(pipe, _images(2))
+    trajectory = []
+    ddim_invert(pipe.unet, pipe.scheduler, latents, encode_prompts(pipe, FACTUAL), 3, trajectory=trajectory)
+    for keep_source, pinned in ((True, True), (False, False)):  # without the correction it drifts under guidance
+        (edited,), source = sweep_edit(pipe, torch.stack(trajectory), FACTUAL, EDITS, PromptToPromptSettings(), 3,
+                                       3.0, keep_source=keep_source)
+        assert torch.equal(source, latents) is pinned
+        assert (edited[-1] - latents).abs().mean() > 0.01  # the targets are left to the sampler either way
+
+
+def test_direct_inversion_s_null_edit_is_the_factual_prompt_s_target_branch_not_the_pinned_source(pipe):
     direct = _edit(pipe, method="direct")
-    np.testing.assert_allclose(direct.null_edit, direct.autoencoded, atol=1e-5)
-    p2p = _edit(pipe, method="p2p")  # the same sweep without the correction drifts under guidance
-    assert np.abs(p2p.null_edit - p2p.autoencoded).mean() > 0.01
+    # the pinned source branch ends exactly on the encoded latent: a null edit equal to the autoencoded image
+    # would hide the targets' drift from compositing and from the null-edit SSIM
+    assert np.abs(direct.null_edit - direct.autoencoded).mean() > 0.01
+    same_prompt = _edit(pipe, method="direct", edits=[FACTUAL], composite=False)
+    np.testing.assert_allclose(same_prompt.raw_counterfactuals[0], direct.null_edit, atol=1e-5)
+    assert len(direct.null_edits) == 1 and np.array_equal(direct.null_edits[0], direct.null_edit)  # default setting
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_edit_to_the_factual_prompt_composites_to_the_input_with_a_real_unet(pipe, method):
+    # the null edit drifts exactly as the edited branch does, so compositing cancels all of it; the random UNet
+    # makes every method's raw reconstruction far from the input
+    images = _images(8)
+    result = _edit(pipe, images, method=method, edits=[FACTUAL, FACTUAL], seeds=[3, 4], ddpm_skip=0.4)
+    assert np.abs(result.raw_counterfactuals[0] - images / 255.0).mean() > 0.01
+    for counterfactual in result.counterfactuals:
+        np.testing.assert_allclose(counterfactual, images / 255.0, atol=1e-4, rtol=0)
+
+
+def test_without_the_null_edit_direct_inversion_samples_no_factual_target_rows(pipe):
+    with_null = _edit(pipe, method="direct", composite=False)
+    without = _edit(pipe, method="direct", composite=False, null_edit=False)
+    assert without.null_edit is None and without.null_edits is None
+    assert with_null.unet_forward_per_image - without.unet_forward_per_image == 2 * 3 * 3  # guided x settings x steps
+    for a, b in zip(with_null.raw_counterfactuals, without.raw_counterfactuals):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert _edit(pipe, method="direct", null_edit=False).null_edit is not None  # compositing needs it
 
 
 @pytest.mark.parametrize("skip", [0.0, 0.4])
@@ -248,7 +283,8 @@ def _expected_rows(method, steps, guidance, edits, settings, inner_steps, skip_s
     branches = 2 if guidance != 1.0 else 1
     if method == "ddpm":
         return branches * (steps - skip_steps) * (1 + edits), 0
-    sweep = branches * (1 + edits * settings) * steps
+    null_edits = settings if method == "direct" else 0  # direct's factual-prompt target row per setting
+    sweep = branches * (1 + edits * settings + null_edits) * steps
     if method == "null_text" and guidance != 1.0:  # conditional pass, inner steps, last prediction per step
         return steps + steps * (1 + inner_steps + 1) + sweep, steps * inner_steps
     return steps + sweep, 0
@@ -290,7 +326,7 @@ def test_an_inversion_is_made_once_and_reused_by_later_edits_of_the_same_image(p
     assert second.unet_forward_per_image == 2 * (1 + 3) * 3  # only the sweep: source + 3 settings, guided
     assert second.unet_backward == 0 < first.unet_backward
     direct = _edit(pipe, method="direct", inversion_cache=cache)  # Direct Inversion shares the DDIM trajectory
-    assert direct.unet_forward_per_image == 2 * (1 + 3) * 3
+    assert direct.unet_forward_per_image == 2 * (1 + 3 + 3) * 3  # source, 3 settings, their 3 null edits
     with torch.no_grad():
         next(pipe.unet.parameters()).add_(0.0)  # any in-place weight change is a new model version
     _edit(pipe, method="direct", inversion_cache=cache)

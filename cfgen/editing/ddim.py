@@ -4,7 +4,9 @@
 `ddim_sample` walks back down conditioned on the counterfactual prompt. With the same prompt and a zero noise
 prediction the round trip is exact, which the tests check. `ddim_edit` is the engine's method: one inversion
 shared by every edit of an image and its null edit, so k edits cost (1 + k + 1) x steps UNet evaluations per
-image (x2 with classifier-free guidance).
+image (x2 with classifier-free guidance), 1 + k without the null edit. The edits and the null edit then denoise
+together (`sample_prompt_lists`): one UNet call per step for all of them rather than one per prompt list, which
+on one CPU thread was measured 10.3 -> 8.4 ms per UNet row going from 4 to 16 rows a call.
 """
 
 from __future__ import annotations
@@ -87,22 +89,44 @@ def ddim_sample(
     return latents
 
 
+def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
+    return x.repeat(times, *([1] * (x.ndim - 1)))
+
+
+@torch.no_grad()
+def sample_prompt_lists(pipe, start: torch.Tensor, conds: list[torch.Tensor], num_inference_steps: int,
+                        uncond: torch.Tensor | None, guidance_scale: float, start_step: int = 0,
+                        source: list[torch.Tensor] | None = None,
+                        latent_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`ddim_sample` from the same latents `start` [B,...] once per prompt embedding in `conds` (each [B, L, D]),
+    all in one batch (prompt list-major, then image); the x_0 of each, [B,...] apiece. `uncond`, `source` and
+    `latent_mask` are per image, as for `ddim_sample`."""
+    runs = len(conds)
+    sampled = ddim_sample(
+        pipe.unet, pipe.scheduler, _repeat(start, runs), torch.cat(conds), num_inference_steps,
+        None if uncond is None else _repeat(uncond, runs), guidance_scale, start_step,
+        None if source is None else [_repeat(s, runs) for s in source],
+        None if latent_mask is None else _repeat(latent_mask, runs))
+    return list(sampled.split(len(start)))
+
+
 @torch.no_grad()
 def ddim_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfactual_prompts: list[list[str]],
-              num_inference_steps: int, guidance_scale: float = 1.0, latent_mask: torch.Tensor | None = None):
-    """(edited latents per prompt list, null-edit latents): one inversion with the factual prompt, shared by every
-    edit and the null edit; with `latent_mask`, sampling keeps the inversion trajectory outside it."""
+              num_inference_steps: int, guidance_scale: float = 1.0, latent_mask: torch.Tensor | None = None,
+              null_edit: bool = True):
+    """(edited latents per prompt list, null-edit latents, or None without `null_edit`): one inversion with the
+    factual prompt, shared by every edit and the null edit; with `latent_mask`, sampling keeps the inversion
+    trajectory outside it."""
     cond_f = encode_prompts(pipe, factual_prompts)
     uncond = encode_prompts(pipe, [""] * len(latents)) if guidance_scale != 1.0 else None
     trajectory: list[torch.Tensor] | None = [] if latent_mask is not None else None
     x_t = ddim_invert(pipe.unet, pipe.scheduler, latents, cond_f, num_inference_steps, uncond, guidance_scale,
                       trajectory=trajectory)
-
-    def run(cond):
-        return ddim_sample(pipe.unet, pipe.scheduler, x_t, cond, num_inference_steps, uncond, guidance_scale,
-                           source=trajectory, latent_mask=latent_mask)
-
-    return [run(encode_prompts(pipe, p)) for p in counterfactual_prompts], run(cond_f)
+    conds = [encode_prompts(pipe, p) for p in counterfactual_prompts] + ([cond_f] if null_edit else [])
+    sampled = sample_prompt_lists(pipe, x_t, conds, num_inference_steps, uncond, guidance_scale, source=trajectory,
+                                  latent_mask=latent_mask)
+    k = len(counterfactual_prompts)
+    return sampled[:k], sampled[k] if null_edit else None
 
 
 def ddim_trajectory(pipe, latents: torch.Tensor, factual_prompts: list[str], num_inference_steps: int,

@@ -2,11 +2,15 @@
 
 One entry point (`counterfactuals`) for every method, so the batch job, Serve and the benchmarks edit the same
 way. A method returns latents (the edited ones and the null edit, i.e. the same procedure with the factual
-prompt), which the engine decodes; it then keeps the input outside the change:
+prompt in place of the edited one), which the engine decodes; it then keeps the input outside the change:
 
 - ``composite`` (pixel-space compositing): counterfactual = input + (edited - null edit). The autoencoder's error
   and the sampler's drift are common to both decodes and cancel, so the patient's own pixels (grain, noise, fine
-  texture that a 4:1 latent cannot hold, DESIGN.md §3) survive wherever the edit changes nothing.
+  texture that a 4:1 latent cannot hold, DESIGN.md §3) survive wherever the edit changes nothing. That holds only
+  if the null edit drifts exactly as the edited branch does: with an edit prompt equal to the factual one, the
+  composite must return the input (the tests check it for every method with a random UNet). For the sweep
+  methods the null edit is therefore per setting where the setting changes the drift (`direct`), and each
+  candidate is composited against its own setting's.
 - ``mask`` (confinement): the change is applied only inside a region (lungs, a device box, a user's mask): in
   latent space during sampling where the method has a source trajectory to blend with (RadEdit-style: outside the
   mask every step keeps the inversion's latent), and always in pixel space on the composite.
@@ -22,7 +26,8 @@ Methods (each its own module and function):
 - ``null_text`` (`null_text.py`): PRISM's recipe: DDIM inversion, null-text optimisation (fp32, early stop) at the
   guidance scale, then the Prompt-to-Prompt sweep with the optimised null embeddings.
 - ``direct`` (`direct_inversion.py`): Direct Inversion (PnP Inversion): the same sweep with the source branch put
-  back on the inversion at every step; no optimisation.
+  back on the inversion at every step; no optimisation. Its null edit is a factual-prompt target row per setting
+  (the pinned source is the inversion itself, no reconstruction).
 - ``ddpm`` (`ddpm_inversion.py`): edit-friendly DDPM inversion (LEDITS++, RadEdit): noise maps that make the DDPM
   sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps.
 
@@ -31,6 +36,10 @@ every sweep setting share one, and a later call on the same image reuses it. The
 candidate per self-replace setting; `select` (a callable scoring the candidates, e.g. with the project's attribute
 classifier, DESIGN.md §2, `cfgen.metrics.selection`) picks one per image, by default the largest setting (the
 most preserving), and the result records the winner.
+
+The null edit costs UNet work in `ddim` and `sdedit` (one more prompt list in the batch) and `direct` (one more row
+per setting); a caller that neither composites nor reads it (a speed comparison with a plain diffusers loop that
+makes only the edits) passes ``null_edit=False`` and gets None in its place.
 
 `engine_options` maps an `EditConfig` to the engine's keyword arguments, so that every caller (the batch job, Serve,
 the benchmarks) edits with the same settings from the same config.
@@ -54,6 +63,7 @@ from cfgen.editing.inversion_cache import BatchInversions, InversionCache, image
 from cfgen.editing.null_text import null_text_edit
 from cfgen.editing.prompt_to_prompt import PromptToPromptSettings, p2p_edit
 from cfgen.editing.sdedit import sdedit
+from cfgen.models.sd import decode_latents, encode_images
 
 if TYPE_CHECKING:
     from cfgen.config import EditConfig
@@ -70,7 +80,11 @@ Select = Callable[[list[np.ndarray], np.ndarray, int], np.ndarray]
 @dataclass
 class EngineResult:
     counterfactuals: list[np.ndarray]  # one float32 [B,H,W] in [0,1] per edit, after compositing / confinement
-    null_edit: np.ndarray  # the method's own reconstruction (factual prompt), before compositing
+    # the null edit: the method run with the factual prompt as the edit, decoded, before compositing; for the sweep
+    # methods at the most preserving setting (the largest self_replace, the default choice): p2p's and null_text's
+    # source branch (the same at every setting), direct's factual-prompt target branch. None when the call passed
+    # null_edit=False and did not composite.
+    null_edit: np.ndarray | None
     autoencoded: np.ndarray  # decode(encode(image)): the autoencoder's share of any error
     raw_counterfactuals: list[np.ndarray]  # the decoded edits before compositing
     unet_forward: float  # UNet rows evaluated per counterfactual (shared inversion and null edit amortised)
@@ -78,6 +92,9 @@ class EngineResult:
     unet_forward_per_image: int  # all edits of one image together
     settings: list[list[dict]] = field(default_factory=list)  # per edit, per image: the winning sweep setting
     # (e.g. {"self_replace": 0.6}); {} where the method has no sweep
+    # per edit, [B,H,W]: the null edit at the setting each counterfactual was chosen at, i.e. what compositing
+    # subtracted (equal to null_edit except for direct with another setting chosen); None with null_edit
+    null_edits: list[np.ndarray] | None = None
 
     @property
     def unet_evaluations(self) -> int:
@@ -108,9 +125,10 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return as_unit_float(np.asarray(images))
 
 
-def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: np.ndarray, composite: bool,
+def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: np.ndarray | None, composite: bool,
                               mask: np.ndarray | None) -> np.ndarray:
-    """The engine's pixel-space step: the composite input + (edited - null edit) and/or the mask blend."""
+    """The engine's pixel-space step: the composite input + (edited - null edit) and/or the mask blend (the null
+    edit is needed only to composite)."""
     x = _unit(image)
     out = np.clip(x + (edited - null_edit), 0.0, 1.0) if composite else edited
     if mask is not None:
@@ -122,23 +140,40 @@ def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: 
 def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: list[str],
                   counterfactual_prompts: list[list[str]], steps: int, guidance_scale: float, strength: float,
                   seeds: list[int], latent_mask: torch.Tensor | None, p2p: PromptToPromptSettings,
-                  inner_steps: int, early_stop: float, ddpm_skip: float, inversions: BatchInversions):
-    """(edited latents [edit][sweep setting], null-edit latents, the sweep's settings) of one method."""
+                  inner_steps: int, early_stop: float, ddpm_skip: float, inversions: BatchInversions,
+                  null_edit: bool):
+    """(edited latents [edit][sweep setting], null-edit latents [sweep setting] or None without `null_edit`, the
+    sweep's settings) of one method."""
     common = (pipe, latents, factual_prompts, counterfactual_prompts, steps, guidance_scale)
-    if method == "p2p":
-        return (*p2p_edit(*common, p2p, inversions, latent_mask), p2p.sweep)
     if method == "direct":
-        return (*direct_edit(*common, p2p, inversions, latent_mask), p2p.sweep)
-    if method == "null_text":
-        return (*null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask), p2p.sweep)
+        edited, nulls = direct_edit(*common, p2p, inversions, latent_mask, null_edit)
+        return edited, nulls, p2p.sweep
+    if method in ("p2p", "null_text"):  # the source branch, which every setting shares, is the null edit
+        edited, source = p2p_edit(*common, p2p, inversions, latent_mask) if method == "p2p" else \
+            null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask)
+        return edited, [source] * len(p2p.sweep) if null_edit else None, p2p.sweep
     if method == "ddpm":
         edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask)
     elif method == "sdedit":
         edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, steps, strength,
-                              guidance_scale, seeds)
+                              guidance_scale, seeds, null_edit)
     else:
-        edited, null = ddim_edit(*common, latent_mask)
-    return [[z] for z in edited], null, [{}]
+        edited, null = ddim_edit(*common, latent_mask, null_edit)
+    return [[z] for z in edited], [null] if null_edit else None, [{}]
+
+
+def _decode_once(pipe, latents: list[torch.Tensor]) -> list[np.ndarray]:
+    """Every latent decoded; one shared by several settings is decoded once."""
+    decoded: dict[int, np.ndarray] = {}
+    for z in latents:
+        if id(z) not in decoded:
+            decoded[id(z)] = decode_latents(pipe, z)
+    return [decoded[id(z)] for z in latents]
+
+
+def _most_preserving(sweep: list[dict]) -> int:
+    """The sweep setting with the largest self-replace fraction (the one for a method without a sweep)."""
+    return int(np.argmax([s.get("self_replace", 0.0) for s in sweep]))
 
 
 def _winners(candidates: list[np.ndarray], images: np.ndarray, edit_index: int, sweep: list[dict],
@@ -147,8 +182,8 @@ def _winners(candidates: list[np.ndarray], images: np.ndarray, edit_index: int, 
     n_settings, n = len(candidates), len(images)
     if n_settings == 1:
         return np.zeros(n, dtype=int)
-    if select is None:  # the largest self-replace fraction: the most preserving setting
-        return np.full(n, int(np.argmax([s["self_replace"] for s in sweep])))
+    if select is None:
+        return np.full(n, _most_preserving(sweep))
     scores = np.asarray(select(candidates, images, edit_index), dtype=np.float64)
     if scores.shape != (n_settings, n):
         raise ValueError(f"select must return scores of shape (n_settings, B) = {(n_settings, n)}, got "
@@ -177,13 +212,15 @@ def counterfactuals(
     ddpm_skip: float = 0.2,
     select: Select | None = None,
     inversion_cache: InversionCache | None = None,
+    null_edit: bool = True,
 ) -> EngineResult:
     """Edit `images` [B,H,W] once per list of `counterfactual_prompts` (each B prompts).
 
     `masks` [B,H,W] (values in [0,1]) confine every edit to a region; `seeds` (one per image) seed the noise of
     stochastic methods, so an image's counterfactual does not depend on the batch it was edited in. The
     keyword-only settings are `EditConfig`'s fields of the same names; `select` scores the sweep's candidates (see
-    `Select`); `inversion_cache` defaults to the process's shared cache."""
+    `Select`); `inversion_cache` defaults to the process's shared cache. `null_edit=False`: no null edit unless
+    compositing needs one (the result's `null_edit` is then None)."""
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; one of {METHODS}")
     if null_text_inner_steps < 0:
@@ -191,8 +228,6 @@ def counterfactuals(
     p2p = PromptToPromptSettings(cross_replace, tuple(self_replace), edit_word_weight)
     if method == "ddpm":
         start_step(ddpm_skip, num_inference_steps)  # a bad skip fails before any work
-    from cfgen.models.sd import decode_latents, encode_images
-
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     fingerprint = model_fingerprint(pipe)
     inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
@@ -203,26 +238,32 @@ def counterfactuals(
     try:
         latents = encode_images(pipe, images)
         latent_mask = None if masks is None else _latent_mask(masks, latents.shape, latents.device, latents.dtype)
-        edited, null, sweep = _edit_latents(method, pipe, latents, factual_prompts, counterfactual_prompts,
-                                            num_inference_steps, guidance_scale, strength, seeds, latent_mask, p2p,
-                                            null_text_inner_steps, null_text_early_stop, ddpm_skip, inversions)
+        edited, nulls, sweep = _edit_latents(method, pipe, latents, factual_prompts, counterfactual_prompts,
+                                             num_inference_steps, guidance_scale, strength, seeds, latent_mask, p2p,
+                                             null_text_inner_steps, null_text_early_stop, ddpm_skip, inversions,
+                                             null_edit or composite)
         autoencoded = decode_latents(pipe, latents)
     finally:
         pipe.unet = unet
-    null_image = decode_latents(pipe, null)
+    null_images = None if nulls is None else _decode_once(pipe, nulls)  # [setting]
     unit = _unit(images)
     rows = np.arange(len(images))
-    outputs, raw, chosen = [], [], []
+    outputs, raw, chosen, null_edits = [], [], [], []
     for e, candidates in enumerate(edited):
         decoded = [decode_latents(pipe, z) for z in candidates]
-        kept = [keep_input_outside_change(images, r, null_image, composite, masks) for r in decoded]
+        kept = [keep_input_outside_change(images, r, None if null_images is None else null_images[s], composite,
+                                          masks) for s, r in enumerate(decoded)]
         winner = _winners(kept, unit, e, sweep, select)
         outputs.append(np.stack(kept)[winner, rows])
         raw.append(np.stack(decoded)[winner, rows])
         chosen.append([dict(sweep[w]) for w in winner])
+        if null_images is not None:
+            null_edits.append(np.stack(null_images)[winner, rows])
     n_cf = max(1, len(images) * len(counterfactual_prompts))
     return EngineResult(
-        counterfactuals=outputs, null_edit=null_image, autoencoded=autoencoded, raw_counterfactuals=raw,
+        counterfactuals=outputs, null_edit=None if null_images is None else null_images[_most_preserving(sweep)],
+        autoencoded=autoencoded, raw_counterfactuals=raw,
         unet_forward=counter.forward_rows / n_cf, unet_backward=counter.backward_rows / n_cf,
         unet_forward_per_image=counter.forward_rows // max(1, len(images)), settings=chosen,
+        null_edits=null_edits if null_images is not None else None,
     )
