@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export AWS_EC2_METADATA_DISABLED = true
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-edit clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test-fast: install
 
 bench: install
 	$(PY) bench/bench_decode.py
+
+# the phantom editing benchmark from scratch: the instrument's phantoms and classifier, the benchmark's model
+# (configs/phantom-bench.yaml), then every editing method against the truth (bench/RESULTS.md)
+bench-edit: install
+	$(PY) bench/bench_instrument.py
+	$(VENV)/bin/cfgen train --config configs/phantom-bench.yaml
+	$(PY) bench/bench_edit.py --config configs/phantom-bench.yaml --run runs/phantom-bench --n 32 --steps 20
 
 clean:
 	rm -rf $(VENV) runs bench/out *.egg-info

@@ -119,7 +119,12 @@ def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
     from cfgen.phantoms.truth import true_counterfactual
     from cfgen.pipeline.generate import confinement_masks, edit_seed
 
-    scm = PhantomSCM(PhantomConfig.model_validate_json((run / "phantoms" / "phantom_config.json").read_text()))
+    from cfgen.pipeline.workflows import phantom_config_for
+
+    # the config's phantoms (phantom-bench reads the instrument benchmark's), else the demo's own beside the run
+    phantoms = phantom_config_for(job) if job.data.manifest_uri else PhantomConfig.model_validate_json(
+        (run / "phantoms" / "phantom_config.json").read_text())
+    scm = PhantomSCM(phantoms)
     rows, images = load_test_rows(str(run / "ingest" / "decoded"), n)
     masks, _ = confinement_masks(rows, job.edit, job.data.decode, job.storage)
     truths, states = [], []
@@ -354,7 +359,7 @@ def main() -> int:
     job = load_config(args.config, overrides)
     run = Path(args.run)
     pipe = load_pipeline(args.model or str(run / "models" / "finetuned"))
-    classifier = load_classifier(str(run / "models" / "classifier"))
+    classifier = load_classifier(job.classifier.pretrained or str(run / "models" / "classifier"))
     select = classifier_selection(classifier, EDITS)
     data = load_phantom_set(job, run, classifier, args.n)
     steps = job.edit.num_inference_steps

@@ -176,6 +176,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         tracker = StepLogger(job.tracking, loop_config["mlflow_run_id"])
 
+    def save_checkpoint(metrics: dict[str, Any], final: bool) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save(folder, step, rank)
+            if final:
+                model.export(folder, rank)
+            torch.distributed.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    if step >= train.max_steps:  # resumed with max_steps lowered to or below the checkpoint: export it as is
+        save_checkpoint({"step": step}, final=True)
     shard = ray.train.get_dataset_shard("train")
     while step < train.max_steps:
         batches_this_epoch = 0
@@ -208,12 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log(metrics, step)
             final = step >= train.max_steps
             if step % train.checkpoint_every == 0 or final:
-                with tempfile.TemporaryDirectory() as folder:
-                    model.save(folder, step, rank)
-                    if final:
-                        model.export(folder, rank)
-                    torch.distributed.barrier()
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                save_checkpoint(metrics, final)
             elif step % 10 == 0:
                 ray.train.report(metrics)
         if batches_this_epoch == 0 and step < train.max_steps:

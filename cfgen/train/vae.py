@@ -63,6 +63,8 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEPretrainConfig, seed
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if len(losses) % 100 == 0:
+            log.info("VAE fit step %d/%d: loss %.4f", len(losses), cfg.steps, losses[-1])
     vae.eval()
     return losses
 
