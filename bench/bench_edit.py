@@ -256,7 +256,12 @@ def compare_peers(pipe, data: PhantomSet, job, n: int, batch: int, repeats: int)
             return peers.engine_edits(pipe, images[:m], factual[:m], [p[:m] for p in prompts], cfg, seeds[:m], batch)
 
         peers.counted(pipe, lambda: engine_run(1))  # warm-up
-        peers.counted(pipe, lambda: peer_run(1))
+        try:
+            peers.counted(pipe, lambda: peer_run(1))
+        except RuntimeError as err:  # e.g. LEDITS++ assumes SD's 4 latent channels; say so, keep the other rows
+            print(f"peer {peer_name} failed on this model: {err}")
+            out.append({"kind": "peer", "method": name, "peer": peer_name, "error": str(err)[:300]})
+            continue
         engine_s, peer_s = float("inf"), float("inf")
         for _ in range(repeats):
             engine_out, seconds, engine_rows = peers.counted(pipe, lambda: engine_run(n))
@@ -307,7 +312,9 @@ def print_tables(edit_rows: list[dict[str, Any]], targets: list[dict[str, Any]],
         print("| method | peer | images | engine img/s | peer img/s | engine/peer | result | UNet fwd/cf engine | "
               "peer | mean abs difference |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for p in peer_rows:
+        for p in [p for p in peer_rows if "error" in p]:
+            print(f"| {p['method']} | {p['peer']} | failed: {p['error']} |")
+        for p in [p for p in peer_rows if "error" not in p]:
             print(f"| {p['method']} | {p['peer']} | {p['n_images']} | {p['engine_images_per_s']:.2f} | "
                   f"{p['peer_images_per_s']:.2f} | {p['ratio']:.2f}x | {'PASS' if p['pass'] else 'MISS'} "
                   f"({p['ratio'] - PEER_TARGET:+.2f}) | {p['engine_unet_forward']:.1f} | "
