@@ -4,6 +4,7 @@
     cfgen phantoms --n 1000 --out s3://bucket/phantoms --size 128 --seed 1
     cfgen classify --config configs/demo.yaml
     cfgen generate --config configs/demo.yaml model.pretrained=models:/cfgen-sd@champion
+    cfgen discover --config configs/discovery-bench.yaml
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from cfgen.config import JobConfig, load_config
 
-COMMANDS = ("demo", "phantoms", "ingest", "train", "classify", "generate")
+COMMANDS = ("demo", "phantoms", "ingest", "train", "classify", "generate", "discover")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, JobConfig]:
@@ -65,6 +66,10 @@ def run(command: str, job: JobConfig) -> dict[str, Any]:
         return run_classify(job)
     if command == "generate":
         return vars(workflows.run_generate(job))
+    if command == "discover":
+        from cfgen.pipeline.discover import run_discover
+
+        return run_discover(job)
     raise ValueError(f"unknown command {command!r}; one of {COMMANDS}")
 
 

@@ -18,6 +18,27 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 PHANTOM_ATTRIBUTES = ("sex", "age", "smoking", "support_devices", "pleural_effusion", "cardiomegaly")
 
 
+def _normalize_edits(edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Edits as the engine reads them. A shift of age is the text "+10" / "-5", or in YAML {age: {shift: 10}}:
+    YAML reads an unquoted +10 as the number 10, an absolute age, so the mapping form is the safe one to write."""
+    out = []
+    for edit in edits:
+        if not isinstance(edit, dict) or not edit:
+            raise ValueError(f"an edit is a non-empty mapping attribute -> value, got {edit!r}")
+        clean = {}
+        for name, value in edit.items():
+            if isinstance(value, dict):
+                if set(value) != {"shift"} or isinstance(value["shift"], bool) \
+                        or not isinstance(value["shift"], (int, float)):
+                    raise ValueError(f"edit {name}={value!r}: a relative edit is {{shift: <signed number>}}")
+                if name != "age":
+                    raise ValueError(f"edit {name}={value!r}: only age can be shifted")
+                value = f"{value['shift']:+g}"
+            clean[name] = value
+        out.append(clean)
+    return out
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -236,6 +257,10 @@ class EditConfig(_Section):
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     limit: int | None = Field(None, ge=1, description="edit only the first N images")
+    age_range: tuple[float, float] = Field((0, 120), description="an age shift that leaves this range is not "
+                                                                 "applied to that row (the row says so)")
+
+    _edits = field_validator("edits")(lambda cls, v: _normalize_edits(v))
 
 
 class ClassifierTrainConfig(_Section):
@@ -317,6 +342,37 @@ class MetricsConfig(_Section):
     cpus_per_actor: float = Field(0.25, gt=0)
 
 
+class DiscoveryConfig(_Section):
+    """`cfgen discover`: intervene on attributes across a population, test what changes where (issue 17)."""
+
+    interventions: list[dict[str, Any]] = Field(
+        [{"smoking": 1}], description="do() per population, e.g. {smoking: 1} or {age: '+10'} (a shift in years); "
+                                      "each eligible subject (known factual value, a different target) gets it")
+    null_controls: list[dict[str, Any]] = Field(
+        [], description="interventions that should change nothing; reported like the others, so a reader sees "
+                        "what a false finding looks like")
+    splits: list[str] = Field(["test"], description="the population: these splits of the data set")
+    seeds: list[int] = Field([0], description="edit seeds per subject; a subject's seeds are averaged before a test")
+    alpha: float = Field(0.05, gt=0, lt=1, description="test level, CI 1 - alpha, FDR level of the pixel maps")
+    test: Literal["t", "wilcoxon"] = Field("t", description="paired test of the region statistics")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of each region CI")
+    min_subjects: int = Field(10, ge=3, description="fewer eligible subjects: no test, a report line says so")
+    masks: dict[str, str] = Field(
+        {"lungs": "mask_uri"}, description="region name -> manifest column of mask URIs; 'lungs' is split into "
+                                           "each lung and its upper / middle / lower thirds")
+    expected_effects: dict[str, list[str]] = Field(
+        {}, description="attributes an intervention may move besides its own (the causal graph's descendants); "
+                        "every other shift the classifier reads is checked for entanglement")
+    entanglement_min_shift: float = Field(0.05, ge=0, le=1, description="a shift of P(other) smaller than this is "
+                                                                        "not flagged, however significant")
+    per_unit: dict[str, float] = Field({"age": 10.0}, description="effect sizes per this many units (per decade)")
+    limit: int | None = Field(None, ge=1, description="at most this many subjects (test runs)")
+    examples: int = Field(6, ge=0, description="factual | counterfactual pairs shown per intervention")
+    batch_rows: int = Field(256, ge=1, description="rows per streamed batch of the analysis (bounds its memory)")
+
+    _edits = field_validator("interventions", "null_controls")(lambda cls, v: _normalize_edits(v))
+
+
 class TrackingConfig(_Section):
     tracking_uri: str = Field("sqlite:///runs/mlflow.db", description="sqlite:/// or http:// MLflow server")
     experiment: str = "cfgen"
@@ -350,6 +406,7 @@ class JobConfig(_Section):
     edit: EditConfig = EditConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     metrics: MetricsConfig = MetricsConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

@@ -79,7 +79,14 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     assert out["edit_changes_truth"] == [1.0, 1.0]  # neither subject had a device
     null_edit = {**{k: v[:1] for k, v in batch.items()}, "edit": np.array(['{"support_devices": 0}'], dtype=object)}
     assert stage(typed_table(null_edit)).to_pydict()["edit_changes_truth"] == [0.0]
-    assert (tmp_path / "gen" / "panels").exists() and len(list((tmp_path / "gen" / "images").iterdir())) == 2
+    assert (tmp_path / "gen" / "panels").exists()
+    written = sorted(f.name for f in (tmp_path / "gen" / "images").iterdir())
+    assert written == ["PH000000__factual.png", "PH000000__support_devices-1.png", "PH000001__factual.png",
+                       "PH000001__support_devices-1.png"]  # the counterfactuals and the images they edit
+    from PIL import Image
+
+    factual_png = np.asarray(Image.open(out["factual_uri"][0]))
+    assert np.array_equal(factual_png, batch["image"][0])  # discovery subtracts exactly what the engine edited
 
 
 def test_edit_names_are_stable():

@@ -41,6 +41,9 @@ __all__ = [
     "get_template",
     "build_prompt",
     "apply_edit",
+    "resolve_edit",
+    "is_shift",
+    "EditNotApplicable",
     "counterfactual_prompt",
     "batch_prompts",
 ]
@@ -144,6 +147,13 @@ def _sex(value: Any) -> str | None:
     return normalize_sex(value)
 
 
+#: The readers of metadata values, for code that decides on them as the prompts do (discovery's eligibility).
+is_missing = _missing
+label_value = _label
+number_value = _number
+sex_value = _sex
+
+
 # ----------------------------------------------------------------------------------------------------- phrases
 def _finding_phrase(name: str, value: float | None, template: PromptTemplate, cfg: PromptConfig) -> str | None:
     if value is None:
@@ -229,11 +239,54 @@ def _edit_value(name: str, value: Any) -> Any:
     return number
 
 
+class EditNotApplicable(ValueError):
+    """The edit cannot be made to this row (a shift of a missing age, a shift out of range): a fact about the row,
+    which the job records on the row, not a mistake in the config."""
+
+
+def is_shift(value: Any) -> bool:
+    """A relative edit of age: a signed number of years as text, "+10" or "-5" (do(age = age + 10))."""
+    return isinstance(value, str) and value.strip()[:1] in ("+", "-")
+
+
+def _shift_years(value: str) -> float:
+    try:
+        return float(value.strip())
+    except ValueError:
+        raise ValueError(f"edit age={value!r}: a shift is a signed number of years, e.g. '+10'") from None
+
+
+def resolve_edit(row: Any, edit: Mapping[str, Any], age_range: tuple[float, float] = (0, 120)) -> dict[str, Any]:
+    """The edit with relative values made absolute for this row ({"age": "+10"} of a 63 year old ->
+    {"age": 73}). A shift of a missing age, or one that leaves `age_range`, cannot be applied to this row: a
+    `EditNotApplicable` that says why (callers turn it into a row that is not edited). Only age can shift."""
+    if not isinstance(edit, Mapping) or not edit:
+        raise ValueError(f"an edit is a non-empty mapping attribute -> value, got {edit!r}")
+    out = dict(edit)
+    for name, value in edit.items():
+        if not is_shift(value):
+            continue
+        if name != "age":
+            raise ValueError(f"edit {name}={value!r}: only age can be shifted; set {name} to 0 or 1")
+        shift = _shift_years(value)
+        age = _number("age", _get(row, "age"))
+        if age is None:
+            raise EditNotApplicable(f"edit age={value}: the factual age is missing")
+        target = age + shift
+        lo, hi = age_range
+        if not lo <= target <= hi:
+            raise EditNotApplicable(f"edit age={value}: {age:g} {value} = {target:g} is outside {lo:g}..{hi:g}")
+        out[name] = int(target) if float(target).is_integer() else target
+    return out
+
+
 def apply_edit(row: Any, edit: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `row` as a dict with the intervention applied; unknown attribute names are a ValueError."""
+    """A copy of `row` as a dict with the intervention applied (shifts resolved against the row); unknown
+    attribute names are a ValueError."""
     if not isinstance(edit, Mapping) or not edit:
         raise ValueError(f"an edit is a non-empty mapping attribute -> value, got {edit!r}")
     _check_attributes(list(edit))
+    edit = resolve_edit(row, edit)
     edited = dict(row.items()) if hasattr(row, "items") else dict(row)
     for name, value in edit.items():
         edited[name] = _edit_value(name, value)

@@ -79,7 +79,8 @@ class CounterfactualStage:
         meta = batch.drop_columns(["image"])
         rows = meta.to_pylist()
         factual = [str(r["prompt"]) for r in rows]
-        cf_prompts = [[counterfactual_prompt(r, e, prompt) for r in rows] for e in edit.edits]
+        planned = [[planned_edit(r, f, e, edit, prompt) for r, f in zip(rows, factual)] for e in edit.edits]
+        cf_prompts = [[p.prompt for p in per_edit] for per_edit in planned]
         masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
             if edit.confine == "mask" else (None, [False] * len(rows))
         options = dict(engine_options(edit), masks=masks,
@@ -102,6 +103,9 @@ class CounterfactualStage:
             "edit": [json.dumps(e, sort_keys=True) for e in edit.edits for _ in range(n)],
             "edit_name": [edit_name(e) for e in edit.edits for _ in range(n)],
             "counterfactual_prompt": [p for prompts in cf_prompts for p in prompts],
+            # the edit made to this row (a shift resolved: {"age": 73}); null where it could not be, with the reason
+            "edit_applied": [p.applied for per_edit in planned for p in per_edit],
+            "edit_error": [p.error for per_edit in planned for p in per_edit],
             "seed": np.full(n * k, edit.seed, dtype=np.int64),
             "method": [edit.method] * (n * k),
             # the chosen sweep setting, e.g. {"self_replace": 0.6}; {} for a method without a sweep
@@ -116,6 +120,26 @@ class CounterfactualStage:
             **extra,
         })
         return append_columns(out, added)
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    prompt: str
+    applied: str | None  # the resolved edit as JSON; None: not applied (the prompt is the factual one)
+    error: str | None
+
+
+def planned_edit(row: dict[str, Any], factual_prompt: str, edit: dict[str, Any], config: EditConfig,
+                 prompt: PromptConfig) -> PlannedEdit:
+    """One row's counterfactual prompt. An edit this row cannot take (an age shift of a missing or out-of-range
+    age) becomes a null edit of the factual prompt, recorded as not applied, so the batch goes on."""
+    from cfgen.io.prompts import EditNotApplicable, resolve_edit
+
+    try:
+        resolved = resolve_edit(row, edit, config.age_range)
+    except EditNotApplicable as err:
+        return PlannedEdit(factual_prompt, None, str(err))
+    return PlannedEdit(counterfactual_prompt(row, resolved, prompt), json.dumps(resolved, sort_keys=True), None)
 
 
 def confinement_masks(rows: list[dict[str, Any]], edit: EditConfig, decode: DecodeConfig,
@@ -175,11 +199,11 @@ class MeasureStage:
         changes its true attributes (1.0; 0.0 for a null edit such as removing a device from a patient without
         one). (None, NaN) when the row is no phantom. Metadata can be missing; the SCM's truth is not."""
         index = self._phantom_index(row)
-        if index is None:
+        edit = applied_edit(row)
+        if index is None or edit is None:
             return None, float("nan")
         from cfgen.phantoms.truth import changes_truth, true_counterfactual
 
-        edit = json.loads(row["edit"])
         truth = true_counterfactual(self.scm, index, edit, self.decode)
         return as_unit_float(truth), float(changes_truth(self.scm, index, edit))
 
@@ -194,8 +218,8 @@ class MeasureStage:
         label (NaN when missing or uncertain, or for a multi-attribute edit)."""
         from cfgen.metrics.effectiveness import target_value
 
-        edit = json.loads(row["edit"])
-        if len(edit) != 1:
+        edit = applied_edit(row)
+        if edit is None or len(edit) != 1:
             return float("nan")
         (name,) = edit
         index = self._phantom_index(row)
@@ -217,14 +241,15 @@ class MeasureStage:
         return read_mask(row.get("mask_uri"), self.decode, self.storage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cfgen.metrics.edit_report import classifier_metrics, image_metrics
+        from cfgen.metrics.edit_report import CLASSIFIER_COLUMNS, classifier_metrics, image_metrics
 
         arrays = [c for c in (*_ARRAY_COLUMNS, "edit_back") if c in batch.column_names]
         factual, cfs, recons, autoencoded = (tensor_column(batch, c) for c in _ARRAY_COLUMNS)
         backs = tensor_column(batch, "edit_back") if "edit_back" in arrays else None
         meta = batch.drop_columns(arrays)
         rows = meta.to_pylist()
-        metrics, cf_uris, panel_uris, changes = [], [], [], []
+        metrics, cf_uris, panel_uris, changes, factual_uris = [], [], [], [], []
+        written: set[str] = set()
         for i, row in enumerate(rows):
             truth, changes_truth = self.truth(row)
             changes.append(changes_truth)
@@ -236,22 +261,40 @@ class MeasureStage:
             cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
             panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))
             write_bytes(cf_uris[-1], png_bytes(cfs[i]), self.storage)
+            # the image the engine edited, as it saw it: discovery subtracts it from the counterfactual
+            factual_uris.append(join_uri(self.output_uri, "images", f"{_slug(str(row['image_id']))}__factual.png"))
+            if factual_uris[-1] not in written:
+                write_bytes(factual_uris[-1], png_bytes(factual[i]), self.storage)
+                written.add(factual_uris[-1])
             write_bytes(panel_uris[-1], png_bytes(panel(factual[i], cfs[i], truth)), self.storage)
-        added: dict[str, Any] = {"counterfactual_uri": cf_uris, "panel_uri": panel_uris,
+        added: dict[str, Any] = {"counterfactual_uri": cf_uris, "factual_uri": factual_uris, "panel_uri": panel_uris,
                                  "edit_changes_truth": np.array(changes, dtype=np.float64)}
         for name in metrics[0]:
             added[name] = np.array([m[name] for m in metrics], dtype=np.float64)
         if self.classifier is not None:
             before, after = self.classifier.predict(factual), self.classifier.predict(cfs)
-            edits = [json.loads(r["edit"]) for r in rows]
+            edits = [applied_edit(r) or json.loads(r["edit"]) for r in rows]
             state = np.array([self.factual_state(r) for r in rows], dtype=np.float64)
             cols, reasons = classifier_metrics(before, after, edits, state)
+            for i, r in enumerate(rows):  # an edit not made is not scored as one
+                if applied_edit(r) is None:
+                    reasons[i] = f"edit_not_applied: {r.get('edit_error')}"
+                    for c in CLASSIFIER_COLUMNS:
+                        cols[c][i] = np.nan
             added.update({f"clf_{k}" if not k.startswith("p_") else k: v for k, v in cols.items()})
             added["factual_state"] = state
             added["metric_error"] = reasons
             added["factual_features"] = before["features"].astype(np.float32)
             added["counterfactual_features"] = after["features"].astype(np.float32)
         return append_columns(meta, typed_table(added))
+
+
+def applied_edit(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The edit a results row was given, shifts resolved; None where it could not be applied. Rows written
+    before `edit_applied` existed carry only `edit` (absolute values)."""
+    if "edit_applied" not in row:
+        return json.loads(row["edit"])
+    return json.loads(row["edit_applied"]) if row["edit_applied"] else None
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -278,18 +321,21 @@ class GenerateResult:
     images_skipped: int
 
 
-def _done_image_ids(results_uri: str, job: JobConfig, n_edits: int) -> set[str]:
-    """Images whose every edit is already in the results table (a resumed job skips them)."""
+def _done_image_ids(results_uri: str, job: JobConfig) -> set[str]:
+    """Images whose every edit of this job, at this job's seed, is already in the results table (a resumed job
+    skips them; another seed or another edit of the same image is new work)."""
     import pyarrow.dataset as pds
 
     fs, path = pyarrow_filesystem(results_uri, job.storage)
     try:
-        table = pds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "edit_name"])
+        table = pds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "edit_name", "seed"])
     except (FileNotFoundError, OSError):
         return set()
-    frame = table.to_pandas().drop_duplicates()
+    names = {edit_name(e) for e in job.edit.edits}
+    frame = table.to_pandas()
+    frame = frame[(frame["seed"] == job.edit.seed) & frame["edit_name"].isin(names)].drop_duplicates()
     counts = frame.groupby("image_id")["edit_name"].nunique()
-    return set(counts[counts >= n_edits].index)
+    return set(counts[counts >= len(names)].index)
 
 
 def generate(
@@ -299,15 +345,17 @@ def generate(
     splits: list[str] | None = ("test",),
     phantoms: PhantomConfig | None = None,
     classifier_uri: str | None = None,
+    out_uri: str | None = None,
 ) -> GenerateResult:
-    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`.
+    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`,
+    into `out_uri` (default `<output_uri>/generate`): `results/` (Parquet) and `images/`, `panels/` (PNG).
 
     `classifier_uri` chooses the sweep methods' setting per image and, where metrics are on, scores every row."""
     import pyarrow.dataset as pds
     import ray.data
 
     edit = job.edit
-    out = join_uri(job.output_uri, "generate")
+    out = out_uri or join_uri(job.output_uri, "generate")
     results_uri = join_uri(out, "results")
     fs, path = pyarrow_filesystem(decoded_uri, job.storage)
     columns = pds.dataset(path, filesystem=fs, format="parquet").schema.names
@@ -315,7 +363,7 @@ def generate(
     ds = decoded_rows(job, decoded_uri, splits, columns=keep)
     if edit.limit:
         ds = ds.limit(edit.limit)
-    done = _done_image_ids(results_uri, job, len(edit.edits))
+    done = _done_image_ids(results_uri, job)
     if done:
         from ray.data.expressions import col
 

@@ -164,7 +164,7 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
 
 
 def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str | None = None,
-                 splits: list[str] | None = ("test",), classifier_uri: str | None = None):
+                 splits: list[str] | None = ("test",), classifier_uri: str | None = None, out_uri: str | None = None):
     """Counterfactuals of `splits`, scored by the classifier (`classifier_uri`, else `classifier.pretrained`; none
     leaves the classifier columns out) and, on phantoms, against the truth."""
     from cfgen.pipeline.generate import generate
@@ -184,7 +184,7 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
         # a missing or mismatched classifier fails here, before any editing; the actors load it by the same URI
         load_classifier(classifier_uri, job.storage, job.tracking, architecture=job.classifier.architecture)
     return generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job),
-                    classifier_uri=classifier_uri)
+                    classifier_uri=classifier_uri, out_uri=out_uri)
 
 
 def _fidelity_text(job: JobConfig) -> str:

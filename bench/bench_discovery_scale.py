@@ -1,0 +1,114 @@
+"""Discovery's memory does not grow with the number of counterfactuals: the driver's peak RSS at 1,000 and at
+100,000 result rows, measured side by side (each in a fresh process, the same code `cfgen discover` runs).
+
+The results table is synthetic in size only: its rows point, in turn, at 64 real phantom pairs (factual and true
+do(smoking=1) counterfactual PNGs, lung masks as the phantom writer wrote them), so every row is read, decoded,
+masked and reduced exactly as a generated one would be.
+
+    .venv/bin/python bench/bench_discovery_scale.py                 # 1,000 and 100,000 rows
+    .venv/bin/python bench/bench_discovery_scale.py --rows 1000 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PAIRS = 64
+
+
+def make_pairs(folder: Path) -> list[dict[str, str]]:
+    import pandas as pd
+
+    from cfgen.config import PhantomConfig
+    from cfgen.phantoms.scm import PhantomSCM
+    from cfgen.phantoms.writers import write_phantoms
+    from cfgen.pipeline.generate import png_bytes
+
+    cfg = PhantomConfig(n=PAIRS * 2, size=64, seed=5, formats=["png"], missing_fraction=0.0)
+    write_phantoms(cfg, str(folder / "ph"))
+    manifest = pd.read_parquet(folder / "ph" / "manifest.parquet")
+    scm = PhantomSCM(cfg)
+    pairs = []
+    for _, row in manifest[manifest["smoking"] == 0].head(PAIRS).iterrows():
+        subject = scm.subject(int(row["phantom_index"]))
+        factual, _ = scm.render(subject)
+        truth, _ = scm.render(scm.intervene(subject, {"smoking": 1}))
+        f, c = folder / f"{row['image_id']}_f.png", folder / f"{row['image_id']}_c.png"
+        f.write_bytes(png_bytes(factual))
+        c.write_bytes(png_bytes(truth))
+        pairs.append({"factual_uri": str(f), "counterfactual_uri": str(c), "mask_uri": row["mask_uri"],
+                      "age": int(row["age"]), "sex": row["sex"]})
+    return pairs
+
+
+def write_results(folder: Path, pairs: list[dict[str, str]], n: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = folder / f"results-{n}"
+    out.mkdir()
+    shard = 10_000
+    for start in range(0, n, shard):
+        rows = range(start, min(n, start + shard))
+        picked = [pairs[i % len(pairs)] for i in rows]
+        table = pa.table({
+            "image_id": [f"S{i:07d}" for i in rows], "edit_name": ["smoking=1"] * len(rows),
+            "edit_applied": ['{"smoking": 1}'] * len(rows), "seed": [0] * len(rows), "split": ["test"] * len(rows),
+            "smoking": [0.0] * len(rows), **{k: [p[k] for p in picked] for k in picked[0]}})
+        pq.write_table(table, out / f"part-{start:07d}.parquet")
+    return str(out)
+
+
+def measure(results_uri: str) -> dict[str, float]:
+    """In this (fresh) process: stream and summarise, then report the driver's peak RSS."""
+    from cfgen.config import JobConfig
+    from cfgen.discovery.analysis import stream_subjects, summarize
+    from cfgen.discovery.plans import plan
+    from cfgen.pipeline.runtime import init_ray
+
+    job = JobConfig.model_validate({"ray": {"num_cpus": 4}, "discovery": {"interventions": [{"smoking": 1}],
+                                                                          "bootstrap": 500}})
+    init_ray(job.ray)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.time()
+    reduction = stream_subjects(job, results_uri, plan(job))
+    result = summarize(reduction, __import__("pandas").DataFrame())
+    lungs = result.regions.set_index("region").loc["lungs"]
+    return {"rows": int(lungs["n"]), "seconds": round(time.time() - started, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_before_mb": round(before, 1), "lungs_mean_diff": float(lungs["mean_diff"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--rows", nargs="+", type=int, default=[1000, 100_000])
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pairs = make_pairs(folder)
+        print("| result rows | seconds | rows/s | driver peak RSS (MB) | RSS after start-up (MB) | lungs mean diff |")
+        print("|---|---|---|---|---|---|")
+        for n in args.rows:
+            uri = write_results(folder, pairs, n)
+            out = subprocess.run([sys.executable, __file__, "--measure", uri], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            m = json.loads(out)
+            print(f"| {m['rows']:,} | {m['seconds']} | {m['rows'] / m['seconds']:.0f} | {m['peak_rss_mb']} "
+                  f"| {m['rss_before_mb']} | {m['lungs_mean_diff']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Discovery: statistics that find hidden and spurious image-attribute relationships in counterfactual pairs."""

@@ -1,0 +1,197 @@
+"""Discovery: regions, intervention plans, the region and entanglement tables, the streaming stage (no Ray here;
+the job end to end is in test_discover_job.py)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cfgen.config import DiscoveryConfig, JobConfig, PhantomConfig, load_config
+from cfgen.discovery.analysis import RegionStage, _Reduction, entanglement_table, region_names, region_table, \
+    subject_table
+from cfgen.discovery.plans import Intervention, plan
+from cfgen.discovery.regions import lung_regions, region_masks, split_lungs
+from cfgen.phantoms.scm import PhantomSCM
+
+
+def _lungs(index=0, size=64):
+    scm = PhantomSCM(PhantomConfig(n=10, size=size, seed=1))
+    image, lungs = scm.render(scm.subject(index))
+    return scm, image, lungs.astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------------- regions
+def test_the_right_lung_is_on_the_image_left_and_its_zones_partition_it():
+    _, _, lungs = _lungs()
+    sides = split_lungs(lungs)
+    cols = np.arange(lungs.shape[1])
+    assert cols[sides["right_lung"].any(axis=0)].mean() < lungs.shape[1] / 2 < cols[sides["left_lung"].any(
+        axis=0)].mean()
+    regions = lung_regions(lungs)
+    for side in ("right_lung", "left_lung"):
+        parts = [regions[f"{side}_{z}"] for z in ("upper", "middle", "lower")]
+        assert all(p.any() for p in parts)
+        assert np.array_equal(parts[0] | parts[1] | parts[2], regions[side])
+        assert not (parts[0] & parts[1]).any() and not (parts[1] & parts[2]).any()
+        rows = [np.nonzero(p.any(axis=1))[0] for p in parts]
+        assert rows[0].max() < rows[1].min() and rows[1].max() < rows[2].min()  # upper above middle above lower
+    assert np.array_equal(regions["right_lung"] | regions["left_lung"], lungs)
+    assert not (regions["outside_lungs"] & lungs).any() and regions["outside_lungs"].sum() > lungs.sum()
+
+
+def test_a_lung_mask_in_one_piece_is_split_at_its_midline():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 3:17] = True
+    sides = split_lungs(mask)
+    assert sides["right_lung"].sum() == sides["left_lung"].sum() == 70
+
+
+def test_a_mask_of_the_wrong_shape_is_an_error_that_names_it():
+    with pytest.raises(ValueError, match="'heart' has shape"):
+        region_masks({"lungs": np.ones((8, 8)), "heart": np.ones((4, 4))}, (8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------- plans
+def test_plans_reject_what_the_template_cannot_say():
+    with pytest.raises(ValueError, match="cannot intervene on 'weight'"):
+        plan(JobConfig.model_validate({"discovery": {"interventions": [{"weight": 1}]}}))
+    with pytest.raises(ValueError, match="cannot be expressed"):
+        plan(JobConfig.model_validate({"data": {"prompt": {"attributes": ["sex", "age"]}},
+                                       "discovery": {"interventions": [{"smoking": 1}]}}))
+    with pytest.raises(ValueError, match="one attribute at a time"):
+        plan(JobConfig.model_validate({"discovery": {"interventions": [{"smoking": 1, "cardiomegaly": 1}]}}))
+    with pytest.raises(ValueError, match="only age can be shifted"):
+        JobConfig.model_validate({"discovery": {"interventions": [{"smoking": {"shift": 1}}]}})
+
+
+def test_an_age_shift_survives_yaml_and_is_reported_per_decade(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("discovery:\n  interventions:\n    - {age: {shift: 10}}\n    - {smoking: 1}\n"
+                    "  null_controls:\n    - {age: '-5'}\n")
+    interventions = plan(load_config(path))
+    age, smoking, control = interventions
+    assert (age.name, age.unit, age.units({"age": 40})) == ("age=+10", "per decade", 1.0)
+    assert control.null_control and control.units({"age": 40}) == -0.5
+    assert age.eligibility({"age": 85}, (20, 90)).endswith("outside 20..90")
+    assert age.eligibility({"age": None}) == "age unknown"
+    assert smoking.eligibility({"smoking": 1.0}) == "already smoking=1"
+    assert smoking.eligibility({"smoking": -1.0}) == "smoking uncertain"
+    assert smoking.eligibility({"smoking": 0}) is None and smoking.units({"smoking": 0}) == 1.0
+    assert Intervention("smoking", 0).units({"smoking": 1}) == -1.0
+
+
+def test_a_row_that_cannot_take_an_age_shift_is_a_null_edit_that_says_why():
+    from cfgen.config import EditConfig, PromptConfig
+    from cfgen.pipeline.generate import planned_edit
+
+    edit = EditConfig(edits=[{"age": {"shift": 10}}], age_range=(20, 90))
+    ok = planned_edit({"age": 50, "sex": "F"}, "factual", edit.edits[0], edit, PromptConfig())
+    assert json.loads(ok.applied) == {"age": 60} and "60 year old" in ok.prompt and ok.error is None
+    far = planned_edit({"age": 85, "sex": "F"}, "factual", edit.edits[0], edit, PromptConfig())
+    assert (far.prompt, far.applied) == ("factual", None) and "outside 20..90" in far.error
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def _subjects(n=60, effect=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    config = DiscoveryConfig(bootstrap=500)
+    rows = []
+    for i in range(n):
+        row = {"edit_name": "smoking=1", "image_id": f"s{i}", "units": 1.0, "smoking": 0}
+        for r in region_names(config):
+            inside = r.startswith(("lungs", "right_lung", "left_lung"))
+            row[f"d__{r}"] = (effect if inside else 0.0) + rng.normal(0, 0.01)
+            row[f"f__{r}"] = 0.3 + rng.normal(0, 0.02)
+        row["p_before__smoking"], row["p_after__smoking"] = 0.1, 0.9
+        row["p_before__support_devices"], row["p_after__support_devices"] = 0.2, 0.2 + rng.normal(0.3, 0.05)
+        row["p_before__cardiomegaly"], row["p_after__cardiomegaly"] = 0.3, 0.3 + rng.normal(0, 0.05)
+        rows.append(row)
+    return config, pd.DataFrame(rows)
+
+
+def test_the_region_table_flags_the_lungs_and_nothing_outside():
+    config, subjects = _subjects()
+    population = subjects.assign(smoking=[0, 1] * 30)
+    population["f__lungs"] = 0.3 + 0.05 * population["smoking"] + np.random.default_rng(1).normal(0, 0.01, 60)
+    table, notes = region_table(subjects, population, [Intervention("smoking", 1)], config)
+    by = table.set_index("region")
+    assert not notes
+    assert by.loc["lungs", "flagged"] and by.loc["left_lung_lower", "flagged"]
+    assert by.loc["lungs", "ci_low"] < 0.05 < by.loc["lungs", "ci_high"] and by.loc["lungs", "p_value"] < 1e-6
+    assert by.loc["lungs", "per_unit"] == pytest.approx(by.loc["lungs", "mean_diff"])
+    assert not by.loc["outside_lungs", "flagged"] and by.loc["outside_lungs", "p_value"] > 0.01
+    assert by.loc["lungs", "obs_slope"] == pytest.approx(0.05, abs=0.01)  # the baseline across subjects
+    assert by.loc["lungs", "test"] == "paired-t" and by.loc["lungs", "n"] == 60
+
+
+def test_too_few_subjects_is_a_note_not_a_nan_table():
+    config, subjects = _subjects(n=4)
+    table, notes = region_table(subjects, subjects, [Intervention("smoking", 1)], config)
+    assert notes == ["smoking=1: 4 eligible subjects, fewer than discovery.min_subjects (10): no test"]
+    assert table["reason"].str.startswith("too few subjects").all() and not table["flagged"].any()
+
+
+def test_per_unit_turns_sign_for_an_intervention_that_removes_the_attribute():
+    config, subjects = _subjects()
+    subjects = subjects.assign(edit_name="smoking=0", units=-1.0)
+    table, _ = region_table(subjects, subjects, [Intervention("smoking", 0)], config)
+    lungs = table.set_index("region").loc["lungs"]
+    assert lungs["per_unit"] == pytest.approx(-lungs["mean_diff"])
+    assert lungs["per_unit_ci_low"] == pytest.approx(-lungs["ci_high"])
+
+
+def test_entanglement_flags_an_unexpected_shift_and_not_the_intended_one():
+    config, subjects = _subjects()
+    corr = pd.DataFrame([[1.0, 0.4], [0.4, 1.0]], index=["smoking", "support_devices"],
+                        columns=["smoking", "support_devices"])
+    table = entanglement_table(subjects, [Intervention("smoking", 1)], corr, config).set_index("other")
+    assert table.loc["smoking", "expected"] and not table.loc["smoking", "flagged"]
+    assert table.loc["support_devices", "flagged"] and table.loc["support_devices", "data_correlation"] == 0.4
+    assert not table.loc["cardiomegaly", "flagged"]  # no shift
+    allowed = DiscoveryConfig(bootstrap=500, expected_effects={"smoking": ["support_devices"]})
+    again = entanglement_table(subjects, [Intervention("smoking", 1)], corr, allowed).set_index("other")
+    assert not again.loc["support_devices", "flagged"]
+
+
+def test_a_subjects_seeds_are_averaged_into_one_observation():
+    rows = [{"edit_name": "smoking=1", "image_id": "a", "seed": s, "units": 1.0, "d__lungs": v, "smoking": 0}
+            for s, v in ((0, 0.1), (1, 0.3))]
+    table = subject_table(rows)
+    assert len(table) == 1 and table.loc[0, "d__lungs"] == pytest.approx(0.2) and table.loc[0, "n_seeds"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------ stream
+def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lungs_only(tmp_path):
+    from PIL import Image
+
+    from cfgen.pipeline.generate import png_bytes
+
+    scm, image, lungs = _lungs(index=2)
+    subject = scm.subject(2)
+    truth, _ = scm.render(scm.intervene(subject, {"smoking": 1 - subject.smoking}))
+    uris = {}
+    for name, pixels in (("f", image), ("c", truth)):
+        (tmp_path / f"{name}.png").write_bytes(png_bytes(pixels))
+        uris[name] = str(tmp_path / f"{name}.png")
+    Image.fromarray(lungs.astype(np.uint8) * 255).save(tmp_path / "lungs.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+    job = JobConfig.model_validate({"data": {"decode": {"size": 64}}, "discovery": {"bootstrap": 500}})
+    batch = {"image_id": np.array(["a", "b"], dtype=object), "edit_name": np.array(["smoking=1"] * 2, dtype=object),
+             "factual_uri": np.array([uris["f"]] * 2, dtype=object),
+             "counterfactual_uri": np.array([uris["c"], str(tmp_path / "gone.png")], dtype=object),
+             "mask_uri": np.array([str(tmp_path / "lungs.png")] * 2, dtype=object)}
+    out = RegionStage(job.model_dump(mode="python"))(batch)
+    sign = 1 if subject.smoking == 0 else -1
+    shift = job.phantoms.effects.smoking_lung_shift
+    assert out["d__lungs"][0] == pytest.approx(sign * shift, abs=0.01)
+    assert abs(out["d__outside_lungs"][0]) < 1e-3
+    assert out["read_error"][0] is None and "gone.png" in out["read_error"][1] and np.isnan(out["d__lungs"][1])
+
+    reduction = _Reduction([Intervention("smoking", 1)], job.discovery, (0, 120), (64, 64))
+    batch_rows = {**out, "smoking": np.array([0, 0]), "seed": np.array([0, 0]),
+                  "edit_applied": np.array(['{"smoking": 1}'] * 2, dtype=object)}
+    reduction.add(batch_rows)
+    assert len(reduction.subjects()) == 1 and reduction.ineligible == {"smoking=1": {"unreadable": 1}}
+    assert reduction.tests["smoking=1"].n == 1 and reduction.population()["image_id"].tolist() == ["a"]
+    assert reduction.subjects().loc[0, "d__lungs"] == pytest.approx(out["d__lungs"][0])
