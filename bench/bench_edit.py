@@ -1,9 +1,9 @@
 """The editing engine on phantoms, scored against the truth, and its speed against plain diffusers.
 
 For a trained model and its classifier (by default the demo's, `make demo` first), edits the first `--n` test
-phantoms with every method variant (`VARIANTS`: ddim, sdedit at strength 0.5 and 0.8, p2p, direct, null_text at
-PRISM's guidance 7.5 and at the config's, ddpm; compositing on and off), then the `--mask-best` best of them again
-confined to the lungs, through `cfgen.editing.engine.counterfactuals` called as the batch job calls it
+phantoms with every method variant (`variants`: ddim, sdedit at strength 0.5 and 0.8, p2p, direct, null_text at
+PRISM's guidance 7.5 and at the config's, ddpm, and ddpm and ddim at guidance 3; compositing on and off), then the
+`--mask-best` best of them again confined to the lungs, through `cfgen.editing.engine.counterfactuals` called as the batch job calls it
 (`engine_options` of an `EditConfig`; the sweep methods' setting chosen per image by the attribute classifier,
 `cfgen.metrics.selection`). For each (variant, edit), over the images whose true attributes the edit changes:
 
@@ -75,10 +75,13 @@ def variants(default_guidance: float) -> list[Variant]:
                            ("direct", {"method": "direct"}),
                            ("null_text g7.5", {"method": "null_text", "guidance_scale": 7.5}),  # PRISM's
                            (f"null_text g{default_guidance:g}", {"method": "null_text"}),
-                           ("ddpm", {"method": "ddpm"})]:
+                           ("ddpm", {"method": "ddpm"}),
+                           # classifier-free guidance on the edit (LEDITS++ and RadEdit edit with guidance > 1)
+                           ("ddpm g3", {"method": "ddpm", "guidance_scale": 3.0}),
+                           ("ddim g3", {"method": "ddim", "guidance_scale": 3.0})]:
         out.append(Variant(f"{name} raw", {**settings, "composite": False}, quick=False))
-        out.append(Variant(f"{name} composite", {**settings, "composite": True}, quick=name != f"null_text "
-                                                                                        f"g{default_guidance:g}"))
+        out.append(Variant(f"{name} composite", {**settings, "composite": True},
+                           quick=name not in (f"null_text g{default_guidance:g}", "ddpm g3", "ddim g3")))
     return out
 
 
