@@ -16,7 +16,8 @@ Checks printed PASS/MISS (issue 17):
 
 Writes `--json` (bench/results/discovery.json).
 
-    .venv/bin/python bench/bench_discovery.py --configs configs/phantom-bench.yaml configs/phantom-bench-null.yaml
+    .venv/bin/python bench/bench_discovery.py --configs configs/phantom-bench.yaml configs/phantom-bench-null.yaml \
+        --set edit.guidance_scale=3
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "phantom-bench.yaml")])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "discovery.json"))
-    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every config")
+    parser.add_argument("--set", nargs="*", default=[], help="section.key=value overrides for every config")
     args = parser.parse_args()
 
     from cfgen.config import load_config
@@ -128,13 +129,13 @@ def main() -> None:
 
     results = []
     for path in args.configs:
-        job = load_config(path, args.overrides)
+        job = load_config(path, args.set)
         init_ray(job.ray)
         started = time.time()
         out = run_discover(job)
         scored = score(job, out)
-        scored.update(config=path, seconds=round(time.time() - started, 1), method=job.edit.method,
-                      steps=job.edit.num_inference_steps)
+        scored.update(config=path, overrides=args.set, seconds=round(time.time() - started, 1),
+                      method=job.edit.method, steps=job.edit.num_inference_steps, guidance=job.edit.guidance_scale)
         results.append(scored)
         print(f"\n## {path} (confounding {scored['confounding']:g}; {scored['seconds']:.0f} s; report "
               f"{scored['report']})\n")

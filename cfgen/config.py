@@ -369,6 +369,8 @@ class DiscoveryConfig(_Section):
     limit: int | None = Field(None, ge=1, description="at most this many subjects (test runs)")
     examples: int = Field(6, ge=0, description="factual | counterfactual pairs shown per intervention")
     batch_rows: int = Field(256, ge=1, description="rows per streamed batch of the analysis (bounds its memory)")
+    num_actors: int = Field(2, ge=1, description="Ray Data actors reading the PNGs and masks into region means")
+    cpus_per_actor: float = Field(0.5, gt=0)
 
     _edits = field_validator("interventions", "null_controls")(lambda cls, v: _normalize_edits(v))
 

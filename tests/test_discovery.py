@@ -195,3 +195,15 @@ def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lung
     assert len(reduction.subjects()) == 1 and reduction.ineligible == {"smoking=1": {"unreadable": 1}}
     assert reduction.tests["smoking=1"].n == 1 and reduction.population()["image_id"].tolist() == ["a"]
     assert reduction.subjects().loc[0, "d__lungs"] == pytest.approx(out["d__lungs"][0])
+
+
+def test_other_edit_settings_or_another_model_never_reuse_generated_rows():
+    from cfgen.pipeline.discover import generation_key
+
+    job = JobConfig()
+    key = generation_key(job, "m1")
+    assert generation_key(job.model_copy(update={"edit": job.edit.model_copy(update={"seed": 3, "limit": 5})}),
+                          "m1") == key  # per-row keys and scale-out do not change the pixels
+    assert generation_key(job.model_copy(update={"edit": job.edit.model_copy(update={"guidance_scale": 3.0})}),
+                          "m1") != key
+    assert generation_key(job, "m2") != key

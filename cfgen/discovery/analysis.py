@@ -223,8 +223,8 @@ def stream_subjects(job: JobConfig, results_uri: str, interventions: Sequence[In
     if job.discovery.splits and "split" in schema:
         ds = ds.filter(expr=col("split").is_in(list(job.discovery.splits)))
     ds = ds.map_batches(RegionStage, fn_constructor_kwargs={"job": job.model_dump(mode="python")},
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=64, batch_format="numpy",
-                        num_cpus=0.5)
+                        compute=ray.data.ActorPoolStrategy(size=job.discovery.num_actors), batch_size=64,
+                        batch_format="numpy", num_cpus=job.discovery.cpus_per_actor)
     size = job.data.decode.size
     reduction = _Reduction(interventions, job.discovery, tuple(job.edit.age_range), (size, size))
     for batch in ds.iter_batches(batch_size=job.discovery.batch_rows, batch_format="numpy"):

@@ -1,7 +1,7 @@
 """`cfgen discover`: interventions over a population -> counterfactuals (the generation job) -> statistics -> report.
 
-Generation runs once per seed into `<output_uri>/discover/generate/` and is resumable as always; the analysis
-streams its rows (`cfgen.discovery.analysis`). Outputs beside it: `regions.parquet`/`.csv` (one row per
+Generation runs once per seed into `<output_uri>/discover/generate-<key>/` (the key: model and edit settings) and
+is resumable as always; the analysis streams its rows (`cfgen.discovery.analysis`). Outputs beside it: `regions.parquet`/`.csv` (one row per
 (intervention, region)), `entanglement.parquet`/`.csv`, `subjects.parquet`, `discovery.json` and `report.html`,
 all logged to an MLflow run.
 """
@@ -47,6 +47,18 @@ def training_metadata(job: JobConfig, decoded_uri: str, attributes: list[str]):
     return frame[(frame["status"] == "ok") & (frame["split"] == "train")][columns]
 
 
+def generation_key(job: JobConfig, model_uri: str) -> str:
+    """What makes two generations comparable: the model and every edit setting but the edits, seed and scale-out
+    (those are per-row keys or do not change pixels). A rerun with other settings writes beside, not over."""
+    import hashlib
+
+    settings = job.edit.model_dump(mode="json", exclude={"edits", "seed", "limit", "batch_size", "num_actors",
+                                                         "cpus_per_actor", "gpus_per_actor"})
+    blob = json.dumps({"model": model_uri, "edit": settings, "decode": job.data.decode.model_dump(mode="json"),
+                       "prompt": job.data.prompt.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def generation_job(job: JobConfig, interventions, seed: int) -> JobConfig:
     edit = job.edit.model_copy(update={"edits": [i.edit for i in interventions], "seed": seed,
                                        "limit": job.discovery.limit})
@@ -64,7 +76,7 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     model_uri = model_uri or model_to_edit(job)
     out = discover_uri(job)
-    generated = join_uri(out, "generate")
+    generated = join_uri(out, f"generate-{generation_key(job, model_uri)}")
     for seed in job.discovery.seeds:
         written = run_generate(generation_job(job, interventions, seed), model_uri, decoded_uri,
                                splits=job.discovery.splits, out_uri=generated)

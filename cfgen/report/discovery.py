@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cfgen.io.storage import join_uri, write_bytes
-from cfgen.report.html import _STYLE, _table
+from cfgen.report.html import STYLE, html_table
 
 REGION_COLUMNS = (
     "intervention", "attribute", "region", "n", "mean_diff", "ci_low", "ci_high", "p_value", "test", "effect_size",
@@ -39,7 +39,7 @@ _CF_COLOUR = "#1f5fa8"
 _OBS_COLOUR = "#d9730d"
 _DIVERGING = "RdBu_r"  # red = brighter / more likely, blue = darker / less likely, white = no change
 
-_DISCOVERY_STYLE = _STYLE + """
+_DISCOVERY_STYLE = STYLE + """
 img.fig{image-rendering:auto;width:auto;max-width:100%}img.panel{width:510px}
 .wide{overflow-x:auto}.wide td,.wide th{white-space:nowrap}tr.flag td{background:#fff3c4}tr.null td{color:#555;font-style:italic}tr.flag.null td{background:#fdd;color:#a00}
 .notes{background:#fff3c4;border-left:6px solid #e0a800;padding:.5em 1em}.bad{color:#b00;font-weight:bold}
@@ -126,7 +126,7 @@ def _is_diagonal(intervened: Any, other: Any) -> bool:
 
 def header_section(meta: dict[str, Any]) -> str:
     rows = pd.DataFrame({"what": list(meta), "value": [_num(v) for v in meta.values()]})
-    return "<h2>Run</h2>" + _table(rows) if len(rows) else ""
+    return "<h2>Run</h2>" + html_table(rows) if len(rows) else ""
 
 
 def notes_section(notes: list[str] | None) -> str:
@@ -167,7 +167,7 @@ def findings_section(regions: pd.DataFrame, alpha: float) -> str:
             "observational slope": f"{_num(r['obs_slope'])} {_ci(r['obs_ci_low'], r['obs_ci_high'])}",
             "in the data": _observational_agreement(r),
         } for _, r in flagged.iterrows()])
-        parts.append(f"<div class=wide>{_table(table)}</div>")
+        parts.append(f"<div class=wide>{html_table(table)}</div>")
     else:
         parts.append("<p>No region effect was flagged.</p>")
     controls = regions[regions["null_control"].map(_truthy)]

@@ -23,7 +23,7 @@ METRIC_COLUMNS = (
     "autoencoder_l1", "null_ssim", "l1_outside_region", "reversibility_l1", "unet_forward", "unet_backward",
 )
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}img{image-rendering:pixelated;width:512px;border:1px solid #999}
@@ -98,7 +98,7 @@ def classifier_summary(rows: pd.DataFrame, seed: int = 0) -> dict[str, float]:
     return out
 
 
-def _table(frame: pd.DataFrame) -> str:
+def html_table(frame: pd.DataFrame) -> str:
     head = "".join(f"<th class=l>{html.escape(str(c))}</th>" if i == 0 else f"<th>{html.escape(str(c))}</th>"
                    for i, c in enumerate(frame.columns))
     body = []
@@ -126,7 +126,7 @@ def classifier_section(evaluation: dict[str, Any]) -> str:
             f"temperatures fitted on {evaluation.get('n_validate')} validate images, scored on "
             f"{evaluation.get('n_test')} test images (bootstrap 95% CI); uncertain labels: "
             f"{evaluation.get('uncertain_policy')}.</p>")
-    return "<h2>Attribute classifier</h2>" + note + _table(pd.DataFrame(rows))
+    return "<h2>Attribute classifier</h2>" + note + html_table(pd.DataFrame(rows))
 
 
 def calibration_section(rows: list[dict[str, Any]]) -> str:
@@ -138,7 +138,7 @@ def calibration_section(rows: list[dict[str, Any]]) -> str:
     return ("<h2>Instrument calibration</h2><p class=note>true: the phantom's true counterfactual; nothing: the "
             "input itself; other: another subject with the target attribute. A sound instrument reads true as "
             "flipped with no off-target shift and real-looking, nothing as unflipped, other as flipped but far from "
-            "the input.</p>" + _table(frame))
+            "the input.</p>" + html_table(frame))
 
 
 def write_report(
@@ -154,16 +154,16 @@ def write_report(
     AUROC, age MAE); `calibration`: the instrument's calibration table (`cfgen.pipeline.instrument`)."""
     results = read_results(results_uri, job)
     summary = summarize(results) if len(results) else pd.DataFrame()
-    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>cfgen report</title><style>{_STYLE}</style>"
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>cfgen report</title><style>{STYLE}</style>"
              "</head><body><h1>cfgen run report</h1>"]
     if facts:
-        parts.append("<h2>Run</h2>" + _table(pd.DataFrame({"what": list(facts), "value": [str(v) for v in
+        parts.append("<h2>Run</h2>" + html_table(pd.DataFrame({"what": list(facts), "value": [str(v) for v in
                                                                                            facts.values()]})))
     if errors is not None:
         parts.append(f"<h2>Input errors ({len(errors)})</h2>")
         if len(errors):
             counts = errors.assign(kind=errors["reason"].str.split(":").str[0]).groupby(["stage", "kind"]).size()
-            parts.append(_table(counts.rename("rows").reset_index()))
+            parts.append(html_table(counts.rename("rows").reset_index()))
     if classifier:
         parts.append(classifier_section(classifier))
     if calibration:
@@ -183,7 +183,7 @@ def write_report(
         "the Frechet distance on the classifier's features to real images at the target, beside the distance of "
         "a real sample of the same size (clf_realism_real_baseline). Intensities in [0,1].</p>"
     )
-    parts.append(_table(summary) if len(summary) else "<p>No rows were generated.</p>")
+    parts.append(html_table(summary) if len(summary) else "<p>No rows were generated.</p>")
     parts.append("<h2>Examples</h2><p class=note>factual | counterfactual | true counterfactual (grey when "
                  "unknown) | difference (grey = no change, bright = brighter)</p>")
     for _, row in results.sort_values(["edit_name", "image_id"]).groupby("edit_name").head(
