@@ -46,16 +46,11 @@ def region_names(config: DiscoveryConfig) -> list[str]:
 
 
 def read_gray(uri: str, storage=None) -> np.ndarray:
-    """A written PNG (8 or 16 bit) as float32 in [0, 1]."""
-    from PIL import Image
-
+    """A written PNG (8 or 16 bit) as float32 in [0, 1], through the data plane's own PNG decoder."""
+    from cfgen.io.decode import decode_png
     from cfgen.io.storage import read_bytes
 
-    pixels = np.asarray(Image.open(io.BytesIO(read_bytes(uri, storage))))
-    if pixels.ndim == 3:
-        pixels = pixels[..., 0]
-    scale = 65535.0 if pixels.dtype == np.uint16 or pixels.max() > 255 else 255.0
-    return (pixels.astype(np.float32) / scale).astype(np.float32)
+    return np.asarray(decode_png(read_bytes(uri, storage)).pixels, dtype=np.float32)
 
 
 class RegionStage:
@@ -67,6 +62,7 @@ class RegionStage:
         self.names = region_names(self.job.discovery)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cfgen.io.decode import DecodeError
         from cfgen.io.preprocess import read_mask
 
         n = len(batch["image_id"])
@@ -88,7 +84,7 @@ class RegionStage:
                     masks[name] = read_mask(None if uri is None else str(uri), self.job.data.decode,
                                             self.job.storage)
                 regions = region_masks(masks, factual.shape)
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, DecodeError) as err:
                 errors[i] = f"{type(err).__name__}: {err}"
                 continue
             diff = counterfactual - factual
