@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q --upgrade pip > $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	$(PY) -m pip install -q "torch==2.13.0" -c $(CONSTRAINTS) >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	$(PY) -m pip install -q -e ".[test]" -c $(CONSTRAINTS) >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
-	$(PY) -c "import cfgen, torch, ray, diffusers, deepspeed, pydicom, mlflow, moto; print('cfgen installed, torch', torch.__version__)"
+	$(PY) -c "import cfgen, torch, ray, diffusers, deepspeed, pydicom, highdicom, mlflow, moto; print('cfgen installed, torch', torch.__version__)"
 	touch $@
 
 install: $(VENV)/.installed

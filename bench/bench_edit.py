@@ -78,10 +78,16 @@ def variants(default_guidance: float) -> list[Variant]:
                            ("ddpm", {"method": "ddpm"}),
                            # classifier-free guidance on the edit (LEDITS++ and RadEdit edit with guidance > 1)
                            ("ddpm g3", {"method": "ddpm", "guidance_scale": 3.0}),
-                           ("ddim g3", {"method": "ddim", "guidance_scale": 3.0})]:
+                           ("ddim g3", {"method": "ddim", "guidance_scale": 3.0}),
+                           # directed DDPM: the edit's own direction amplified inside its implicit mask
+                           ("ddpm dir3 t0.9", {"method": "ddpm", "edit_guidance": 3.0, "edit_threshold": 0.9}),
+                           ("ddpm dir6 t0.9", {"method": "ddpm", "edit_guidance": 6.0, "edit_threshold": 0.9}),
+                           ("ddpm dir6 t0.9 skip0", {"method": "ddpm", "edit_guidance": 6.0,
+                                                     "edit_threshold": 0.9, "ddpm_skip": 0.0})]:
         out.append(Variant(f"{name} raw", {**settings, "composite": False}, quick=False))
         out.append(Variant(f"{name} composite", {**settings, "composite": True},
-                           quick=name not in (f"null_text g{default_guidance:g}", "ddpm g3", "ddim g3")))
+                           quick=name not in (f"null_text g{default_guidance:g}", "ddpm g3", "ddim g3")
+                           and not name.startswith("ddpm dir")))
     return out
 
 

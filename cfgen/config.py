@@ -201,6 +201,10 @@ class TrainConfig(_Section):
     gradient_clipping: float = 1.0
     max_steps: int = Field(200, ge=1)
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="empty prompt rate, for classifier-free guidance")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in "
+                                    "the paper): down-weights the nearly clean timesteps, whose loss is the fine "
+                                    "noise, towards the noisier ones where the prompt decides the image; off: "
+                                    "plain MSE")
     cache_latents: bool = Field(True, description="encode the training images with the frozen VAE once and train "
                                 "on the stored latents (DESIGN.md §6); off: encode every batch on the fly")
     train_text_encoder: bool = Field(False, description="train the text encoder with the UNet (a randomly "
@@ -217,6 +221,63 @@ class TrainConfig(_Section):
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32")
         return self
+
+
+_FILTER_OPS = ("eq", "ne", "in", "gt", "ge", "lt", "le", "missing")
+
+
+def _normalize_where(where: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A rule's filters as {column: {op: value}}: a bare value means eq, a list means in."""
+    out = {}
+    for column, cond in where.items():
+        if isinstance(cond, dict):
+            unknown = set(cond) - set(_FILTER_OPS)
+            if unknown or not cond:
+                raise ValueError(f"where.{column}: operators are {list(_FILTER_OPS)}, got {sorted(cond) or 'none'}")
+            out[column] = dict(cond)
+        elif isinstance(cond, list):
+            out[column] = {"in": list(cond)}
+        else:
+            out[column] = {"eq": cond}
+    return out
+
+
+class PlanRule(_Section):
+    """One line of an edit plan: which rows (metadata filters, splits) get which edits, how, and how many seeds.
+
+    `where` maps a column to a value (equality), a list (membership) or operators, e.g. {age: {gt: 40}}; a row with
+    the column missing never matches a comparison (use {missing: true} to select those). `settings` are EditConfig
+    fields (method, steps, guidance, ...) that replace the edit section's for this rule only."""
+
+    name: str | None = Field(None, description="label of the rule in keys and summaries (default rule-<index>)")
+    where: dict[str, Any] = {}
+    splits: list[str] | None = Field(None, description="splits this rule reads (default: the job's)")
+    edits: list[dict[str, Any]] = Field(min_length=1)
+    seeds: list[int] = Field([0], min_length=1)
+    settings: dict[str, Any] = {}
+    limit: int | None = Field(None, ge=1, description="at most this many images, chosen by key hash")
+
+    _edits = field_validator("edits")(lambda cls, v: _normalize_edits(v))
+    _where = field_validator("where")(lambda cls, v: _normalize_where(v))
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        banned = {"plan", "edits", "seed", "limit"} & set(v)
+        if banned:
+            raise ValueError(f"a rule's settings cannot set {sorted(banned)}: they are the rule's own fields")
+        return v
+
+
+class OutputConfig(_Section):
+    """What the generation job writes beside its Parquet rows."""
+
+    png: bool = True
+    panels: bool = Field(True, description="factual | counterfactual | truth | difference, one PNG per key")
+    dicom: bool = Field(False, description="a de-identified derived DICOM per counterfactual (highdicom Secondary "
+                                           "Capture; DICOM PS3.15 Basic Application Level Confidentiality Profile)")
+    pseudonym: str = Field("ANONYMOUS", description="PatientName/PatientID written to derived DICOMs")
+    progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines")
 
 
 class EditConfig(_Section):
@@ -245,6 +306,10 @@ class EditConfig(_Section):
                                                                 "image once its loss is below this")
     ddpm_skip: float = Field(0.2, ge=0, lt=1, description="DDPM inversion: fraction of the first (noisiest) steps "
                                                           "skipped; the edit starts from the noisy latent there")
+    edit_guidance: float = Field(1.0, ge=0, description="ddpm: scale on the edit's direction eps(edited) - "
+                                 "eps(factual) (directed editing; 1 with threshold 0 is the plain edit)")
+    edit_threshold: float = Field(0.0, ge=0, lt=1, description="ddpm: implicit mask, the quantile of the edit "
+                                  "direction's magnitude below which a latent cell is left unedited (0: none)")
     composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
                                               "own pixels wherever the edit changes nothing")
     confine: Literal["none", "mask"] = Field("none", description="'mask': edit only inside the row's mask_uri "
@@ -256,11 +321,23 @@ class EditConfig(_Section):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
-    limit: int | None = Field(None, ge=1, description="edit only the first N images")
+    limit: int | None = Field(None, ge=1, description="edit at most N images, chosen by key hash (the same N in "
+                                                      "every run)")
+    plan: list[PlanRule] = Field([], description="edit plan; empty: every row gets `edits` at `seed`")
+    retry_failed: bool = Field(False, description="rerun keys that failed in an earlier run (default: a failure "
+                                                  "is final, so a resumed job does not loop on a bad image)")
+    output: OutputConfig = OutputConfig()
     age_range: tuple[float, float] = Field((0, 120), description="an age shift that leaves this range is not "
                                                                  "applied to that row (the row says so)")
 
     _edits = field_validator("edits")(lambda cls, v: _normalize_edits(v))
+
+    @model_validator(mode="after")
+    def _directed_needs_ddpm(self) -> "EditConfig":
+        if (self.edit_guidance != 1.0 or self.edit_threshold != 0.0) and self.method != "ddpm":
+            raise ValueError(f"edit_guidance / edit_threshold (directed editing) apply to method 'ddpm', not "
+                             f"{self.method!r}")
+        return self
 
 
 class ClassifierTrainConfig(_Section):
@@ -396,6 +473,37 @@ class RayConfig(_Section):
     object_store_memory: int | None = None
 
 
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+
+
+class ServeConfig(_Section):
+    """Ray Serve (cfgen/serve): the HTTP app, its editing deployment and the limits every request is held to."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 inside a pod)")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    model_uri: str | None = Field(None, description="the model to serve: models:/name@alias, a diffusers folder or "
+                                                    "s3:// URI; None: model.pretrained, else the registry alias")
+    auth_token: SecretStr | None = Field(None, description="bearer token every /v1 request must carry (None: no "
+                                                           "auth); from config or CFGEN_SERVE_TOKEN, never logged")
+    batching: bool = Field(True, description="dynamic batching of edit requests (@serve.batch)")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="concurrent requests a replica accepts before queueing")
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1, description="rows x columns an upload may declare (checked before "
+                                                           "its pixels are decoded: decompression bombs)")
+    max_steps: int = Field(50, ge=1)
+    max_guidance: float = Field(15.0, ge=1)
+    max_edits: int = Field(4, ge=1, description="attributes set in one request")
+    num_cpus: float = Field(1.0, gt=0, description="per editing replica")
+    num_gpus: float = Field(0.0, ge=0, description="per editing replica (GPU when present)")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+
 class JobConfig(_Section):
     """Everything a cfgen job needs. Sections a job does not use are ignored by it."""
 
@@ -411,6 +519,7 @@ class JobConfig(_Section):
     discovery: DiscoveryConfig = DiscoveryConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    serve: ServeConfig = ServeConfig()
 
     _local_output = field_validator("output_uri")(lambda cls, v: _absolute(v))
 

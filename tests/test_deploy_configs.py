@@ -34,3 +34,17 @@ def test_shipped_configs_load(path):
 def test_cluster_config_is_a_gpu_config():
     job = load_config("configs/cluster.yaml")
     assert job.train.use_gpu and job.train.precision == "bf16" and job.edit.gpus_per_actor == 1
+
+
+def _serve_apps():
+    docs = [yaml.safe_load(Path("configs/serve/demo.yaml").read_text())]
+    service = yaml.safe_load(Path("k8s/rayservice.yaml").read_text())
+    docs.append(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    return [app for doc in docs for app in doc["applications"]]
+
+
+@pytest.mark.parametrize("app", _serve_apps(), ids=lambda a: a["args"]["config"])
+def test_serve_configs_point_at_the_app_builder_with_a_config_that_loads(app):
+    assert app["import_path"] == "cfgen.serve.deployment:app_builder"
+    job = load_config(app["args"]["config"], app["args"].get("overrides", "").split())
+    assert job.serve.port == 8000 and job.serve.autoscaling.max_replicas >= 1

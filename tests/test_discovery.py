@@ -54,7 +54,7 @@ def test_a_mask_of_the_wrong_shape_is_an_error_that_names_it():
 
 # ------------------------------------------------------------------------------------------------------- plans
 def test_plans_reject_what_the_template_cannot_say():
-    with pytest.raises(ValueError, match="cannot intervene on 'weight'"):
+    with pytest.raises(ValueError, match="cannot edit 'weight'"):
         plan(JobConfig.model_validate({"discovery": {"interventions": [{"weight": 1}]}}))
     with pytest.raises(ValueError, match="cannot be expressed"):
         plan(JobConfig.model_validate({"data": {"prompt": {"attributes": ["sex", "age"]}},

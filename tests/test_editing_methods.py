@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 from cfgen.config import EditConfig, ModelConfig
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_invert, ddim_sample
-from cfgen.editing.ddpm_inversion import ddpm_invert, ddpm_sample
+from cfgen.editing.ddpm_inversion import EditDirection, ddpm_invert, ddpm_sample, implicit_mask
 from cfgen.editing.engine import METHODS, counterfactuals, engine_options
 from cfgen.editing.inversion_cache import BatchInversions, InversionCache
 from cfgen.editing.null_text import null_text_optimise
@@ -204,6 +204,61 @@ def test_ddpm_inversion_reconstructs_exactly_with_a_real_unet(pipe, skip, guidan
     edited = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, encode_prompts(pipe, EDITS[0]), 5, uncond,
                          guidance, skip)
     assert (edited - latents).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_directed_ddpm_edit_reconstructs_with_the_factual_prompt_and_amplifies_the_edit(pipe, guidance):
+    latents = encode_images(pipe, _images(4))
+    cond, uncond = encode_prompts(pipe, FACTUAL), encode_prompts(pipe, [""] * 2)
+    noise = torch.randn(5, *latents.shape, generator=torch.Generator().manual_seed(0))
+    trajectory, maps = ddpm_invert(pipe.unet, pipe.scheduler, latents, cond, noise, 5, uncond, guidance, 0.0)
+    directed = EditDirection(scale=4.0, threshold=0.8)
+    # the factual prompt as the edit: the direction is zero, so the reconstruction stays exact
+    null_edit = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, cond, 5, uncond, guidance, 0.0,
+                            source=cond, direction=directed)
+    torch.testing.assert_close(null_edit, latents, atol=1e-4, rtol=0)
+    edit = encode_prompts(pipe, EDITS[0])
+    plain = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, uncond, guidance, 0.0)
+    unit = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, uncond, guidance, 0.0, source=cond,
+                       direction=EditDirection(1.0, 0.0))
+    torch.testing.assert_close(unit, plain, atol=1e-4, rtol=0)  # scale 1, no mask: the plain edit
+    amplified = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, uncond, guidance, 0.0,
+                            source=cond, direction=EditDirection(4.0, 0.0))
+    assert (amplified - latents).abs().mean() > 1.2 * (plain - latents).abs().mean()
+    masked = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, uncond, guidance, 0.0, source=cond,
+                         direction=directed)
+    assert (masked - latents).abs().mean() < (amplified - latents).abs().mean()
+
+
+def test_implicit_mask_keeps_the_top_cells_per_image_whatever_the_batch():
+    direction = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    direction[1] *= 10  # another image's scale must not move this image's mask
+    mask = implicit_mask(direction, 0.75)
+    assert mask.shape == (3, 1, 8, 8) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    for i in range(3):
+        assert abs(mask[i].mean().item() - 0.25) < 0.05
+        torch.testing.assert_close(implicit_mask(direction[i:i + 1], 0.75), mask[i:i + 1])
+    assert implicit_mask(direction, 0.0).min() == 1.0
+    with pytest.raises(ValueError, match="quantile"):
+        EditDirection(2.0, 1.0)
+    with pytest.raises(ValueError, match="directed editing"):
+        EditConfig(method="ddim", edit_guidance=3.0)
+    with pytest.raises(ValueError, match="directed editing"):
+        counterfactuals(build_tiny_pipeline(ModelConfig(), seed=0), _images(), FACTUAL, EDITS, method="ddim",
+                        edit_guidance=3.0)
+
+
+def test_directed_ddpm_through_the_engine_counts_two_rows_a_step_and_composites_to_the_input(pipe):
+    images = _images(5)
+    out = _edit(pipe, images, edits=[FACTUAL, EDITS[0]], method="ddpm", guidance_scale=1.0, ddpm_skip=0.0,
+                **engine_kwargs(EditConfig(method="ddpm", edit_guidance=3.0, edit_threshold=0.5)))
+    # inversion: 1 row a step; each of the 2 edits: source + edited rows a step
+    assert out.unet_forward_per_image == 3 + 2 * 2 * 3
+    np.testing.assert_allclose(out.counterfactuals[0], images / 255.0, atol=2e-3)  # factual edit = the input
+
+
+def engine_kwargs(edit: EditConfig) -> dict:
+    return {k: v for k, v in engine_options(edit).items() if k in ("edit_guidance", "edit_threshold")}
 
 
 def test_null_text_optimisation_retraces_a_trajectory_that_null_embeddings_can_produce(pipe):

@@ -62,6 +62,10 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     factual = np.stack([stage.truth({"phantom_index": i, "edit": "{}"})[0] for i in base["phantom_index"]])
     batch = {
         **base,
+        "key": np.array(["k0", "k1"], dtype=object),
+        "seed": np.array([0, 0]),
+        "method": np.array(["ddpm", "ddpm"], dtype=object),
+        "failure_reason": np.array([None, None], dtype=object),
         "edit": np.array([json.dumps(edit)] * 2, dtype=object),
         "edit_name": np.array([edit_name(edit)] * 2, dtype=object),
         "image": (factual * 255).round().astype(np.uint8),
@@ -81,8 +85,8 @@ def test_measure_stage_scores_a_perfect_counterfactual_as_zero_error(tmp_path):
     assert stage(typed_table(null_edit)).to_pydict()["edit_changes_truth"] == [0.0]
     assert (tmp_path / "gen" / "panels").exists()
     written = sorted(f.name for f in (tmp_path / "gen" / "images").iterdir())
-    assert written == ["PH000000__factual.png", "PH000000__support_devices-1.png", "PH000001__factual.png",
-                       "PH000001__support_devices-1.png"]  # the counterfactuals and the images they edit
+    assert written == ["PH000000__factual.png", "PH000000__support_devices-1__ddpm__s0.png", "PH000001__factual.png",
+                       "PH000001__support_devices-1__ddpm__s0.png"]  # the counterfactuals and the images they edit
     from PIL import Image
 
     factual_png = np.asarray(Image.open(out["factual_uri"][0]))
@@ -181,6 +185,12 @@ def test_measure_stage_reads_each_row_with_the_classifier_and_names_what_it_cann
     assert np.isfinite(out["p_after__sex"]).all()
 
 
+def _units(job, decoded):
+    from cfgen.pipeline.plan import batch_units
+
+    return batch_units(job, decoded.drop_columns(["image"]).to_pandas())
+
+
 def test_counterfactual_stage_confines_each_edit_to_the_rows_lung_mask(tmp_path):
     """The editing stage as a plain callable on a phantom batch: with `edit.confine: mask` every counterfactual
     equals the input outside its (grown) lung mask, and a row without a mask is edited everywhere and says so."""
@@ -195,7 +205,7 @@ def test_counterfactual_stage_confines_each_edit_to_the_rows_lung_mask(tmp_path)
                                  pa.array(list(rows["mask_uri"][:2]) + [None], pa.string()))
     job = JobConfig.model_validate({"edit": {"num_inference_steps": 2, "confine": "mask", "mask_dilation": 1,
                                              "edits": [{"support_devices": 0}]}})
-    out = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"))(decoded)
+    out = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"), _units(job, decoded))(decoded)
     images, cfs = tensor_column(out, "image"), tensor_column(out, "counterfactual")
     confined = out["confined"].to_pylist()
     assert confined == [True, True, False]
@@ -233,16 +243,21 @@ def test_counterfactual_stage_lets_the_classifier_choose_each_rows_sweep_setting
     edits = [{"support_devices": 0}, {"pleural_effusion": 1}]
     job = JobConfig.model_validate({"edit": {"method": method, "num_inference_steps": 2, "self_replace": [0.4, 0.8],
                                              "edits": edits}})
-    stage = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"),
+    stage = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"), _units(job, decoded),
                                 classifier_uri=str(tmp_path / "clf"))
-    asked, select = [], stage.select
-    stage.select = lambda candidates, image, e: asked.append((len(candidates), e)) or select(candidates, image, e)
+    asked, real = [], stage._select
+
+    def spy(config):
+        select = real(config)
+        return lambda candidates, image, e: asked.append((len(candidates), e)) or select(candidates, image, e)
+
+    stage._select = spy
     out = stage(decoded)
     assert asked == [(2, 0), (2, 1)]
     settings = [json.loads(s) for s in out["edit_setting"].to_pylist()]
     assert len(settings) == 4 and all(set(s) == {"self_replace"} and s["self_replace"] in (0.4, 0.8)
                                       for s in settings)
     assert out["method"].to_pylist() == [method] * 4
-    plain = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"))
-    assert plain.select is None  # no classifier: the engine's default, the most preserving setting
+    plain = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"), _units(job, decoded))
+    assert plain._select(job.edit) is None  # no classifier: the engine's default, the most preserving setting
     assert [json.loads(s) for s in plain(decoded)["edit_setting"].to_pylist()] == [{"self_replace": 0.8}] * 4

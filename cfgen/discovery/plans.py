@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cfgen.config import JobConfig
-from cfgen.io.prompts import BINARY_ATTRIBUTES, KNOWN_ATTRIBUTES, EditNotApplicable, is_missing, is_shift, \
-    label_value, number_value, resolve_edit, sex_value
+from cfgen.io.prompts import EditNotApplicable, is_missing, is_shift, label_value, number_value, resolve_edit, \
+    sex_value
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,9 @@ def _one(edit: Mapping[str, Any], null_control: bool, job: JobConfig) -> Interve
     if len(edit) != 1:
         raise ValueError(f"discovery intervenes on one attribute at a time, got {dict(edit)}: list each separately")
     ((attribute, value),) = edit.items()
-    if attribute not in KNOWN_ATTRIBUTES:
-        raise ValueError(f"cannot intervene on {attribute!r}: known attributes are {list(KNOWN_ATTRIBUTES)}")
-    if attribute not in job.data.prompt.attributes:
-        raise ValueError(f"do({attribute}) cannot be expressed: the prompt template (data.prompt.attributes "
-                         f"{list(job.data.prompt.attributes)}) does not mention {attribute}, so the model was never "
-                         "told about it")
-    if attribute in BINARY_ATTRIBUTES and (isinstance(value, bool) or value not in (0, 1)):
-        raise ValueError(f"do({attribute}={value!r}): a binary attribute is set to 0 or 1")
-    if is_shift(value) and attribute != "age":
-        raise ValueError(f"do({attribute}={value!r}): only age can be shifted")
+    from cfgen.pipeline.plan import check_edit
+
+    check_edit(edit, job.data.prompt)
     per = float(job.discovery.per_unit.get(attribute, 1.0))
     return Intervention(attribute, value, null_control, per)
 

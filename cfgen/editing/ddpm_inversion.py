@@ -13,17 +13,73 @@ null edit is the encoded latent itself and costs no UNet work. Like SDEdit, the 
 noisiest steps (`skip`, a fraction of the schedule; diffusers' LEDITS++ defaults to 0.15): the edit then starts
 from the sampled x_t at that level, costs (1 - skip) x steps per prompt, and changes the layout less. The
 sampler's arithmetic runs in fp32 whatever the UNet's dtype: in bf16 the residuals z_t would not survive rounding.
+
+Directed editing (`EditDirection`, LEDITS++'s idea with the factual prompt as the reference): the image's own
+noise maps hold its structure so firmly that a small object (a device lead, a fluid meniscus) barely moves at
+guidance 1, while plain classifier-free guidance strong enough to move it drives the whole image towards the
+prompt. Instead every step predicts eps(x, factual) + scale * M * (eps(x, edited) - eps(x, factual)): the edit's
+own direction, amplified, and applied only where it is large (M: the cells whose smoothed direction magnitude is
+in the top `1 - threshold` of the image, an implicit mask). With the factual prompt the direction is zero, so
+reconstruction stays exact; scale 1 and threshold 0 is the plain edit.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from cfgen.editing.ddim import guided_noise_prediction
 from cfgen.editing.inversion_cache import BatchInversions, split_images
 from cfgen.editing.sdedit import seeded_noise
 from cfgen.models.sd import encode_prompts
+
+
+@dataclass(frozen=True)
+class EditDirection:
+    """Directed editing's settings (module docstring): `scale` on the edit's direction, implicit-mask `threshold`
+    (the quantile of the direction's magnitude below which a latent cell is left alone; 0: no mask)."""
+
+    scale: float = 1.0
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        if self.scale < 0:
+            raise ValueError(f"edit_guidance must be >= 0, got {self.scale}")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"edit_threshold is a quantile in [0, 1), got {self.threshold}")
+
+    @property
+    def plain(self) -> bool:
+        return self.scale == 1.0 and self.threshold == 0.0
+
+
+def implicit_mask(direction: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B,1,h,w] 1 where the direction's channel-mean magnitude, smoothed over 3x3 cells, reaches the image's
+    `threshold` quantile (per image, so a batch's composition does not change it)."""
+    magnitude = F.avg_pool2d(direction.abs().mean(1, keepdim=True), 3, stride=1, padding=1,
+                             count_include_pad=False)
+    if threshold <= 0:
+        return torch.ones_like(magnitude)
+    cut = torch.quantile(magnitude.flatten(1), threshold, dim=1)[:, None, None, None]
+    return (magnitude >= cut).to(direction.dtype)
+
+
+def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, source: torch.Tensor,
+                              uncond: torch.Tensor | None, guidance_scale: float,
+                              direction: EditDirection) -> torch.Tensor:
+    """eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * (eps(x, cond) - eps(x, source)),
+    in one UNet call on [uncond; source; cond] rows."""
+    guided = uncond is not None and guidance_scale != 1.0
+    contexts = [uncond, source, cond] if guided else [source, cond]
+    out = unet(torch.cat([x.to(unet.dtype)] * len(contexts)), t,
+               encoder_hidden_states=torch.cat(contexts)).sample.float().chunk(len(contexts))
+    eps_source, eps_cond = out[-2], out[-1]
+    base = out[0] + guidance_scale * (eps_source - out[0]) if guided else eps_source
+    delta = eps_cond - eps_source
+    return base + direction.scale * implicit_mask(delta, direction.threshold) * delta
 
 
 def start_step(skip: float, num_inference_steps: int) -> int:
@@ -81,15 +137,22 @@ def ddpm_invert(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, noise: to
 @torch.no_grad()
 def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, cond: torch.Tensor,
                 num_inference_steps: int, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                skip: float = 0.0, latent_mask: torch.Tensor | None = None) -> torch.Tensor:
+                skip: float = 0.0, latent_mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                direction: EditDirection | None = None) -> torch.Tensor:
     """The DDPM sampler driven by the inversion's noise `maps` from the trajectory's level at `skip`; with the
-    factual prompt it retraces `trajectory`. With `latent_mask` [B,1,h,w], the trajectory is kept outside it."""
+    factual prompt it retraces `trajectory`. With `latent_mask` [B,1,h,w], the trajectory is kept outside it.
+    With `direction` (not plain) and the factual embeddings `source`, every step is a directed edit."""
     schedule = _schedule(scheduler, num_inference_steps, trajectory.device)
     start = start_step(skip, num_inference_steps)
+    directed = direction is not None and not direction.plain
+    if directed and source is None:
+        raise ValueError("a directed DDPM edit needs the factual prompt's embeddings (source)")
     x = trajectory[num_inference_steps - start]
     for k in range(start, num_inference_steps):
         t = schedule.timesteps[k]
-        mean, sigma = ddpm_posterior(schedule, _eps(unet, x, t, cond, uncond, guidance_scale), int(t), x)
+        eps = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction) if directed \
+            else _eps(unet, x, t, cond, uncond, guidance_scale)
+        mean, sigma = ddpm_posterior(schedule, eps, int(t), x)
         x = mean + sigma * maps[k]
         if latent_mask is not None:
             x = latent_mask * x + (1 - latent_mask) * trajectory[num_inference_steps - 1 - k]
@@ -98,9 +161,11 @@ def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, c
 
 def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfactual_prompts: list[list[str]],
               num_inference_steps: int, guidance_scale: float, skip: float, seeds: list[int],
-              inversions: BatchInversions, latent_mask: torch.Tensor | None = None):
+              inversions: BatchInversions, latent_mask: torch.Tensor | None = None,
+              direction: EditDirection | None = None):
     """The `ddpm` method: (edited latents per prompt list, null edit = the encoded latents). Every edit runs in
-    one batch with the same noise maps; the noise of each image comes from its own seed."""
+    one batch with the same noise maps; the noise of each image comes from its own seed. `direction`: directed
+    editing (module docstring)."""
     n, steps = len(latents), num_inference_steps
     uncond = encode_prompts(pipe, [""] * n) if guidance_scale != 1.0 else None
 
@@ -120,5 +185,6 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
     edited = ddpm_sample(pipe.unet, pipe.scheduler, inverted["trajectory"].repeat(1, k, 1, 1, 1),
                          inverted["noise_maps"].repeat(1, k, 1, 1, 1), cond, steps,
                          None if uncond is None else uncond.repeat(k, 1, 1), guidance_scale, skip,
-                         None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1))
+                         None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1),
+                         encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction)
     return [z.to(latents.dtype) for z in edited.split(n)], inverted["trajectory"][0].to(latents.dtype)

@@ -29,7 +29,9 @@ Methods (each its own module and function):
   back on the inversion at every step; no optimisation. Its null edit is a factual-prompt target row per setting
   (the pinned source is the inversion itself, no reconstruction).
 - ``ddpm`` (`ddpm_inversion.py`): edit-friendly DDPM inversion (LEDITS++, RadEdit): noise maps that make the DDPM
-  sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps.
+  sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps; optional
+  directed editing (`edit_guidance`, `edit_threshold`): the edit's direction from the factual prompt amplified
+  where it is large (an implicit mask), 2 UNet rows per step instead of 1.
 
 Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
 every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
@@ -56,7 +58,7 @@ import torch
 
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_edit
-from cfgen.editing.ddpm_inversion import ddpm_edit, start_step
+from cfgen.editing.ddpm_inversion import EditDirection, ddpm_edit, start_step
 from cfgen.editing.direct_inversion import direct_edit
 from cfgen.editing.inversion_cache import BatchInversions, InversionCache, image_digest, model_fingerprint, \
     shared_cache
@@ -109,7 +111,7 @@ def engine_options(edit: EditConfig) -> dict[str, Any]:
         strength=edit.strength, composite=edit.composite, cross_replace=edit.cross_replace,
         self_replace=tuple(edit.self_replace), edit_word_weight=edit.edit_word_weight,
         null_text_inner_steps=edit.null_text_inner_steps, null_text_early_stop=edit.null_text_early_stop,
-        ddpm_skip=edit.ddpm_skip,
+        ddpm_skip=edit.ddpm_skip, edit_guidance=edit.edit_guidance, edit_threshold=edit.edit_threshold,
     )
 
 
@@ -141,7 +143,7 @@ def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: lis
                   counterfactual_prompts: list[list[str]], steps: int, guidance_scale: float, strength: float,
                   seeds: list[int], latent_mask: torch.Tensor | None, p2p: PromptToPromptSettings,
                   inner_steps: int, early_stop: float, ddpm_skip: float, inversions: BatchInversions,
-                  null_edit: bool):
+                  null_edit: bool, direction: EditDirection):
     """(edited latents [edit][sweep setting], null-edit latents [sweep setting] or None without `null_edit`, the
     sweep's settings) of one method."""
     common = (pipe, latents, factual_prompts, counterfactual_prompts, steps, guidance_scale)
@@ -153,7 +155,7 @@ def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: lis
             null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask)
         return edited, [source] * len(p2p.sweep) if null_edit else None, p2p.sweep
     if method == "ddpm":
-        edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask)
+        edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask, direction)
     elif method == "sdedit":
         edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, steps, strength,
                               guidance_scale, seeds, null_edit)
@@ -210,6 +212,8 @@ def counterfactuals(
     null_text_inner_steps: int = 10,
     null_text_early_stop: float = 1e-5,
     ddpm_skip: float = 0.2,
+    edit_guidance: float = 1.0,
+    edit_threshold: float = 0.0,
     select: Select | None = None,
     inversion_cache: InversionCache | None = None,
     null_edit: bool = True,
@@ -226,8 +230,12 @@ def counterfactuals(
     if null_text_inner_steps < 0:
         raise ValueError(f"null_text_inner_steps must be >= 0, got {null_text_inner_steps}")
     p2p = PromptToPromptSettings(cross_replace, tuple(self_replace), edit_word_weight)
+    direction = EditDirection(edit_guidance, edit_threshold)  # bad settings fail before any work
+    if not direction.plain and method != "ddpm":
+        raise ValueError(f"edit_guidance and edit_threshold (directed editing) apply to method 'ddpm', not "
+                         f"{method!r}")
     if method == "ddpm":
-        start_step(ddpm_skip, num_inference_steps)  # a bad skip fails before any work
+        start_step(ddpm_skip, num_inference_steps)
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     fingerprint = model_fingerprint(pipe)
     inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
@@ -241,7 +249,7 @@ def counterfactuals(
         edited, nulls, sweep = _edit_latents(method, pipe, latents, factual_prompts, counterfactual_prompts,
                                              num_inference_steps, guidance_scale, strength, seeds, latent_mask, p2p,
                                              null_text_inner_steps, null_text_early_stop, ddpm_skip, inversions,
-                                             null_edit or composite)
+                                             null_edit or composite, direction)
         autoencoded = decode_latents(pipe, latents)
     finally:
         pipe.unet = unet

@@ -18,21 +18,17 @@ import numpy as np
 import pyarrow as pa
 
 from cfgen.config import (
-    DecodeConfig, EditConfig, JobConfig, PhantomConfig, PromptConfig, StorageConfig, TrackingConfig,
+    DecodeConfig, EditConfig, JobConfig, OutputConfig, PhantomConfig, PromptConfig, StorageConfig, TrackingConfig,
 )
 from cfgen.io.prompts import counterfactual_prompt
 from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
 from cfgen.metrics.image import as_unit_float, difference_map, edit_metrics
 from cfgen.pipeline.data import append_columns, tensor_column, typed_table
+from cfgen.pipeline.plan import edit_name
 from cfgen.pipeline.ingest import decoded_rows
 
 #: Arrays that travel between stages but are not written to the results table.
 _ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction", "autoencoded")
-
-
-def edit_name(edit: dict[str, Any]) -> str:
-    """A stable, path-safe name for an edit: {"support_devices": 0} -> "support_devices=0"."""
-    return ",".join(f"{k}={edit[k]}" for k in sorted(edit))
 
 
 def _slug(text: str) -> str:
@@ -44,82 +40,168 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class CounterfactualStage:
-    """Ray Data actor: holds one pipeline, edits a batch of decoded rows for every configured edit.
+    """Ray Data actor: holds one pipeline; edits each image of a batch for the pending keys the plan gives it.
 
-    With `classifier_uri` and a sweep method (p2p, null_text, direct, more than one self_replace setting), the
-    attribute classifier (loaded once, here) chooses each image's setting (`cfgen.metrics.selection`); without one
-    the engine keeps the most preserving setting. The choice is written per row (`edit_setting`)."""
+    `units` (a table of pending keys: key, image_id, rule, edit, edit_name, seed) is passed by object reference and
+    indexed once per actor. Keys of one image that share a rule and a seed are edited in one engine call (one
+    inversion for all their edits), images that share the same set in one batch. With `classifier_uri` and a
+    sweep method (p2p, null_text, direct, more than one self_replace setting), the attribute classifier chooses
+    each image's setting (`cfgen.metrics.selection`); without one the engine keeps the most preserving setting.
 
-    def __init__(self, model_uri: str, job: dict[str, Any], classifier_uri: str | None = None):
+    A call that raises is retried one image at a time; an image that still fails becomes rows with the error in
+    `failure_reason` (and zero images), which the commit stage files under `failures/`; the batch goes on."""
+
+    def __init__(self, model_uri: str, job: dict[str, Any], units, classifier_uri: str | None = None,
+                 model_version: str = ""):
         import torch
 
-        from cfgen.editing.engine import SWEEP_METHODS
         from cfgen.models.sd import load_pipeline, pick_device
+        from cfgen.pipeline.plan import rules
 
         self.job = JobConfig.model_validate(job)
-        self.model_uri = model_uri
-        device = pick_device(self.job.model.device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.pipe = load_pipeline(model_uri, self.job.storage, device=device, dtype=dtype)
-        edit = self.job.edit
-        self.select = None
-        if classifier_uri and edit.method in SWEEP_METHODS and len(edit.self_replace) > 1:
-            from cfgen.classify.store import load_classifier
-            from cfgen.metrics.selection import classifier_selection
+        self.model_uri, self.model_version = model_uri, model_version
+        self.device = pick_device(self.job.model.device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.pipe = load_pipeline(model_uri, self.job.storage, device=self.device, dtype=dtype)
+        self.rules = {r.name: r.config for r in rules(self.job.edit, self.job.data.prompt)}
+        self.classifier_uri = classifier_uri
+        self._classifier = None
+        self.units: dict[str, list[dict[str, Any]]] = {}
+        table = units if isinstance(units, pa.Table) else _get_ref(units)
+        for unit in table.to_pylist():
+            self.units.setdefault(str(unit["image_id"]), []).append(unit)
 
-            classifier = load_classifier(classifier_uri, self.job.storage, self.job.tracking, device=device)
-            self.select = classifier_selection(classifier, edit.edits)
+    def _select(self, config: EditConfig):
+        from cfgen.editing.engine import SWEEP_METHODS
+
+        if not (self.classifier_uri and config.method in SWEEP_METHODS and len(config.self_replace) > 1):
+            return None
+        from cfgen.metrics.selection import classifier_selection
+
+        if self._classifier is None:
+            from cfgen.classify.store import load_classifier
+
+            self._classifier = load_classifier(self.classifier_uri, self.job.storage, self.job.tracking,
+                                               device=self.device)
+        return classifier_selection(self._classifier, config.edits)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from cfgen.editing.engine import counterfactuals, engine_options
-
-        edit: EditConfig = self.job.edit
-        prompt: PromptConfig = self.job.data.prompt
         images = tensor_column(batch, "image")
         meta = batch.drop_columns(["image"])
         rows = meta.to_pylist()
+        groups: dict[tuple, list[int]] = {}
+        units_of: dict[tuple, dict[int, list[dict]]] = {}
+        for i, row in enumerate(rows):
+            by_rule_seed: dict[tuple, list[dict]] = {}
+            for unit in self.units.get(str(row["image_id"]), []):
+                by_rule_seed.setdefault((unit["rule"], int(unit["seed"])), []).append(unit)
+            for (rule, seed), units in by_rule_seed.items():
+                names = tuple(sorted(u["edit_name"] for u in units))
+                group = (rule, seed, names)
+                groups.setdefault(group, []).append(i)
+                units_of.setdefault(group, {})[i] = sorted(units, key=lambda u: u["edit_name"])
+        tables = []
+        for group, members in groups.items():
+            rule, seed, _ = group
+            edits = [json.loads(u["edit"]) for u in units_of[group][members[0]]]
+            keys = [[u["key"] for u in units_of[group][i]] for i in members]
+            try:
+                tables.append(self._edit(meta, images, members, rule, seed, edits, keys))
+            except Exception:  # noqa: BLE001 - isolate the image that fails, keep the rest
+                for i, image_keys in zip(members, keys):
+                    try:
+                        tables.append(self._edit(meta, images, [i], rule, seed, edits, [image_keys]))
+                    except Exception as err:  # noqa: BLE001
+                        reason = f"{type(err).__name__}: {err}"[:2000]
+                        tables.append(self._edit(meta, images, [i], rule, seed, edits, [image_keys], reason))
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def _edit(self, meta: pa.Table, images: np.ndarray, members: list[int], rule: str, seed: int,
+              edits: list[dict[str, Any]], keys: list[list[str]], failure: str | None = None) -> pa.Table:
+        """The rows of `members` x `edits`; with `failure` (the reason an edit raised), the same rows without
+        editing: zero images, the reason in `failure_reason`, so every batch keeps one schema."""
+        from cfgen.editing.engine import EngineResult, counterfactuals, engine_options
+
+        edit = self.rules[rule].model_copy(update={"edits": edits, "seed": seed})
+        prompt: PromptConfig = self.job.data.prompt
+        sub = meta.take(members)
+        rows = sub.to_pylist()
+        pixels = images[members]
         factual = [str(r["prompt"]) for r in rows]
-        planned = [[planned_edit(r, f, e, edit, prompt) for r, f in zip(rows, factual)] for e in edit.edits]
+        planned = [[planned_edit(r, f, e, edit, prompt) for r, f in zip(rows, factual)] for e in edits]
         cf_prompts = [[p.prompt for p in per_edit] for per_edit in planned]
         masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
             if edit.confine == "mask" else (None, [False] * len(rows))
-        options = dict(engine_options(edit), masks=masks,
-                       seeds=[edit_seed(r["image_id"], edit.seed) for r in rows])
-        result = counterfactuals(self.pipe, images, factual, cf_prompts, select=self.select, **options)
-        n, k = len(rows), len(edit.edits)
-        out = meta.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
+        options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows])
+        n, k = len(rows), len(edits)
+        if failure is None:
+            result = counterfactuals(self.pipe, pixels, factual, cf_prompts, select=self._select(edit), **options)
+        else:
+            zeros = np.zeros(pixels.shape, dtype=np.float32)
+            result = EngineResult(counterfactuals=[zeros] * k, null_edit=zeros, autoencoded=zeros,
+                                  raw_counterfactuals=[zeros] * k, unet_forward=0.0, unet_backward=0.0,
+                                  unet_forward_per_image=0, settings=[[{}] * n for _ in range(k)])
+        out = sub.take(np.tile(np.arange(n), k))  # one row per (image, edit), metadata types kept
         extra: dict[str, Any] = {}
-        if self.job.metrics.reversibility:
+        if self.job.metrics.reversibility and failure is None:
             # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual;
             # the way back has each row's own target, so the engine's default setting, not the selection
             backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **options)
                      for cf, prompts in zip(result.counterfactuals, cf_prompts)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
+        elif self.job.metrics.reversibility:
+            extra["edit_back"] = np.zeros((n * k, *pixels.shape[1:]), dtype=np.uint8)
         added = typed_table({
-            "image": np.tile(_to_uint8(as_unit_float(images)), (k, 1, 1)),
+            "key": [keys[i][e] for e in range(k) for i in range(n)],
+            "rule": [rule] * (n * k),
+            "image": np.tile(_to_uint8(as_unit_float(pixels)), (k, 1, 1)),
             "reconstruction": np.tile(_to_uint8(result.null_edit), (k, 1, 1)),
             "autoencoded": np.tile(_to_uint8(result.autoencoded), (k, 1, 1)),
             "counterfactual": np.concatenate([_to_uint8(c) for c in result.counterfactuals]),
-            "edit": [json.dumps(e, sort_keys=True) for e in edit.edits for _ in range(n)],
-            "edit_name": [edit_name(e) for e in edit.edits for _ in range(n)],
+            "edit": [json.dumps(e, sort_keys=True) for e in edits for _ in range(n)],
+            "edit_name": [edit_name(e) for e in edits for _ in range(n)],
             "counterfactual_prompt": [p for prompts in cf_prompts for p in prompts],
             # the edit made to this row (a shift resolved: {"age": 73}); null where it could not be, with the reason
             "edit_applied": [p.applied for per_edit in planned for p in per_edit],
             "edit_error": [p.error for per_edit in planned for p in per_edit],
-            "seed": np.full(n * k, edit.seed, dtype=np.int64),
+            "seed": np.full(n * k, seed, dtype=np.int64),
             "method": [edit.method] * (n * k),
             # the chosen sweep setting, e.g. {"self_replace": 0.6}; {} for a method without a sweep
             "edit_setting": [json.dumps(s, sort_keys=True) for per_edit in result.settings for s in per_edit],
             "composited": np.full(n * k, edit.composite),
             "confined": np.tile(np.asarray(confined, dtype=bool), k),
             "model_uri": [self.model_uri] * (n * k),
+            "model_version": [self.model_version] * (n * k),
             "unet_evaluations": np.full(n * k, result.unet_forward_per_image, dtype=np.int64),
             "unet_forward": np.full(n * k, result.unet_forward, dtype=np.float64),
             "unet_backward": np.full(n * k, result.unet_backward, dtype=np.float64),
             "num_inference_steps": np.full(n * k, edit.num_inference_steps, dtype=np.int64),
+            "guidance_scale": np.full(n * k, edit.guidance_scale, dtype=np.float64),
+            "failure_stage": [None if failure is None else "edit"] * (n * k),
+            "failure_reason": [failure] * (n * k),
             **extra,
         })
-        return append_columns(out, added)
+        return append_columns(out.drop_columns([c for c in added.column_names if c in out.column_names]), added)
+
+
+#: The failures table: one row per key that has no counterfactual, with where and why.
+FAILURE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("image_id", pa.string()), ("rule", pa.string()), ("edit_name", pa.string()),
+    ("seed", pa.int64()), ("method", pa.string()), ("model_version", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()),
+])
+
+
+def _failure(unit: dict[str, Any], stage: str, reason: str) -> dict[str, Any]:
+    return {"key": unit["key"], "image_id": str(unit["image_id"]), "rule": unit["rule"],
+            "edit_name": unit["edit_name"], "seed": int(unit["seed"]), "method": unit.get("method"),
+            "model_version": unit.get("model_version"), "stage": stage, "reason": reason}
+
+
+def _get_ref(ref):
+    import ray
+
+    return ray.get(ref)
 
 
 @dataclass(frozen=True)
@@ -181,8 +263,12 @@ class MeasureStage:
         phantoms: PhantomConfig | None = None,
         classifier_uri: str | None = None,
         tracking: TrackingConfig | None = None,
+        output: OutputConfig | None = None,
+        reversibility: bool = False,
     ):
         self.output_uri, self.storage, self.decode = output_uri, storage, decode
+        self.output = output or OutputConfig()
+        self.reversibility = reversibility
         self.scm = None
         if phantoms is not None:
             from cfgen.phantoms.scm import PhantomSCM
@@ -248,27 +334,43 @@ class MeasureStage:
         backs = tensor_column(batch, "edit_back") if "edit_back" in arrays else None
         meta = batch.drop_columns(arrays)
         rows = meta.to_pylist()
-        metrics, cf_uris, panel_uris, changes, factual_uris = [], [], [], [], []
+        failed = [bool(r.get("failure_reason")) for r in rows]
+        metrics, cf_uris, panel_uris, changes, factual_uris, dicom_uris = [], [], [], [], [], []
         written: set[str] = set()
+        blank = None
         for i, row in enumerate(rows):
+            if failed[i]:
+                if blank is None:
+                    blank = {k: float("nan") for k in self._metric_names(factual[i])}
+                metrics.append(blank)
+                changes.append(float("nan"))
+                cf_uris.append(None), panel_uris.append(None), factual_uris.append(None), dicom_uris.append(None)
+                continue
             truth, changes_truth = self.truth(row)
             changes.append(changes_truth)
             m = edit_metrics(factual[i], cfs[i], truth, recons[i], autoencoded[i])
             m.update(image_metrics(factual[i], cfs[i], recons[i], None if backs is None else backs[i],
                                    self.region(row, factual[i], truth)))
             metrics.append(m)
-            stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
-            cf_uris.append(join_uri(self.output_uri, "images", f"{stem}.png"))
-            panel_uris.append(join_uri(self.output_uri, "panels", f"{stem}.png"))
-            write_bytes(cf_uris[-1], png_bytes(cfs[i]), self.storage)
+            stem, folder = output_stem(row), _model_folder(row)
+            cf_uris.append(join_uri(self.output_uri, "images", *folder, f"{stem}.png"))
+            panel_uris.append(join_uri(self.output_uri, "panels", *folder, f"{stem}.png") if self.output.panels
+                              else None)
+            if self.output.png:
+                write_bytes(cf_uris[-1], png_bytes(cfs[i]), self.storage)
+            else:
+                cf_uris[-1] = None
             # the image the engine edited, as it saw it: discovery subtracts it from the counterfactual
-            factual_uris.append(join_uri(self.output_uri, "images", f"{_slug(str(row['image_id']))}__factual.png"))
+            factual_uris.append(join_uri(self.output_uri, "images", *folder,
+                                         f"{_slug(str(row['image_id']))}__factual.png"))
             if factual_uris[-1] not in written:
                 write_bytes(factual_uris[-1], png_bytes(factual[i]), self.storage)
                 written.add(factual_uris[-1])
-            write_bytes(panel_uris[-1], png_bytes(panel(factual[i], cfs[i], truth)), self.storage)
+            if panel_uris[-1]:
+                write_bytes(panel_uris[-1], png_bytes(panel(factual[i], cfs[i], truth)), self.storage)
+            dicom_uris.append(self._write_dicom(row, cfs[i], stem, folder) if self.output.dicom else None)
         added: dict[str, Any] = {"counterfactual_uri": cf_uris, "factual_uri": factual_uris, "panel_uri": panel_uris,
-                                 "edit_changes_truth": np.array(changes, dtype=np.float64)}
+                                 "dicom_uri": dicom_uris, "edit_changes_truth": np.array(changes, dtype=np.float64)}
         for name in metrics[0]:
             added[name] = np.array([m[name] for m in metrics], dtype=np.float64)
         if self.classifier is not None:
@@ -277,8 +379,8 @@ class MeasureStage:
             state = np.array([self.factual_state(r) for r in rows], dtype=np.float64)
             cols, reasons = classifier_metrics(before, after, edits, state)
             for i, r in enumerate(rows):  # an edit not made is not scored as one
-                if applied_edit(r) is None:
-                    reasons[i] = f"edit_not_applied: {r.get('edit_error')}"
+                if failed[i] or applied_edit(r) is None:
+                    reasons[i] = r["failure_reason"] if failed[i] else f"edit_not_applied: {r.get('edit_error')}"
                     for c in CLASSIFIER_COLUMNS:
                         cols[c][i] = np.nan
             added.update({f"clf_{k}" if not k.startswith("p_") else k: v for k, v in cols.items()})
@@ -287,6 +389,37 @@ class MeasureStage:
             added["factual_features"] = before["features"].astype(np.float32)
             added["counterfactual_features"] = after["features"].astype(np.float32)
         return append_columns(meta, typed_table(added))
+
+    def _metric_names(self, image: np.ndarray) -> list[str]:
+        """The metric columns a scored row has (a failed row gets them all as NaN, so batches share a schema)."""
+        from cfgen.metrics.edit_report import image_metrics
+
+        names = list(edit_metrics(image, image, image if self.scm is not None else None, image, image))
+        return names + list(image_metrics(image, image, image, image if self.reversibility else None, None))
+
+    def _write_dicom(self, row: dict[str, Any], counterfactual: np.ndarray, stem: str, folder: list[str]) -> str:
+        from cfgen.io.derived import derived_dicom_for_row
+
+        uri = join_uri(self.output_uri, "dicom", *folder, f"{stem}.dcm")
+        write_bytes(uri, derived_dicom_for_row(row, counterfactual, self.output.pseudonym, self.storage),
+                    self.storage)
+        return uri
+
+
+def output_stem(row: dict[str, Any]) -> str:
+    """The file name (no extension) of one key's outputs: image, edit, method and seed; a plan that makes the
+    same edit with two methods or seeds gets two files."""
+    stem = f"{_slug(str(row['image_id']))}__{_slug(str(row['edit_name']))}"
+    if row.get("method"):
+        stem += f"__{_slug(str(row['method']))}"
+    if row.get("seed") is not None:
+        stem += f"__s{int(row['seed'])}"
+    return stem
+
+
+def _model_folder(row: dict[str, Any]) -> list[str]:
+    """Outputs of each model version in their own folder, so a rerun with a new model never overwrites them."""
+    return [_slug(str(row["model_version"]))] if row.get("model_version") else []
 
 
 def applied_edit(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -314,28 +447,46 @@ def panel(factual: np.ndarray, counterfactual: np.ndarray, truth: np.ndarray | N
     return np.concatenate([f, gap, c, gap, t, gap, diff], axis=1)
 
 
+class CommitStage:
+    """Ray Data task: commits a measured batch as keyed parts (`cfgen.pipeline.commit`): its counterfactual rows
+    to `results/`, its failure rows to `failures/`. Returns only (key, failed) for the driver's progress."""
+
+    def __init__(self, results_uri: str, failures_uri: str, storage: StorageConfig):
+        self.results_uri, self.failures_uri, self.storage = results_uri, failures_uri, storage
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        from cfgen.pipeline.commit import write_part
+
+        failed = pc.invert(pc.is_null(batch["failure_reason"]))
+        ok = batch.filter(pc.invert(failed))
+        bad = batch.filter(failed)
+        write_part(ok.drop_columns(["failure_stage", "failure_reason"]), self.results_uri, self.storage)
+        if bad.num_rows:
+            write_part(_failure_table(bad.to_pylist(), stage_column="failure_stage",
+                                      reason_column="failure_reason"), self.failures_uri, self.storage)
+        return pa.table({"key": batch["key"], "failed": failed})
+
+
+def _failure_table(rows: list[dict[str, Any]], stage_column: str, reason_column: str,
+                   stage: str | None = None) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"key": r["key"], "image_id": str(r["image_id"]), "rule": r.get("rule"), "edit_name": r.get("edit_name"),
+         "seed": int(r["seed"]), "method": r.get("method"), "model_version": r.get("model_version"),
+         "stage": stage or r.get(stage_column), "reason": r.get(reason_column)} for r in rows],
+        schema=FAILURE_SCHEMA)
+
+
 @dataclass
 class GenerateResult:
     results_uri: str
-    rows_written: int
-    images_skipped: int
-
-
-def _done_image_ids(results_uri: str, job: JobConfig) -> set[str]:
-    """Images whose every edit of this job, at this job's seed, is already in the results table (a resumed job
-    skips them; another seed or another edit of the same image is new work)."""
-    import pyarrow.dataset as pds
-
-    fs, path = pyarrow_filesystem(results_uri, job.storage)
-    try:
-        table = pds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "edit_name", "seed"])
-    except (FileNotFoundError, OSError):
-        return set()
-    names = {edit_name(e) for e in job.edit.edits}
-    frame = table.to_pandas()
-    frame = frame[(frame["seed"] == job.edit.seed) & frame["edit_name"].isin(names)].drop_duplicates()
-    counts = frame.groupby("image_id")["edit_name"].nunique()
-    return set(counts[counts >= len(names)].index)
+    rows_written: int  # counterfactual rows committed by this run
+    images_skipped: int  # images with every planned key already done before this run
+    planned: int = 0
+    done: int = 0
+    failed: int = 0
+    summary: dict[str, Any] | None = None
 
 
 def generate(
@@ -346,61 +497,118 @@ def generate(
     phantoms: PhantomConfig | None = None,
     classifier_uri: str | None = None,
     out_uri: str | None = None,
+    editor: type = None,
 ) -> GenerateResult:
-    """Edit every decoded ok image of `splits` (up to `job.edit.limit`) with every edit of `job.edit.edits`,
-    into `out_uri` (default `<output_uri>/generate`): `results/` (Parquet) and `images/`, `panels/` (PNG).
+    """Every key of the job's edit plan (`cfgen.pipeline.plan`) over the decoded rows of `splits`, into `out_uri`
+    (default `<output_uri>/generate`): `plan/keys.parquet` (what was planned), `results/` and `failures/` (keyed
+    Parquet parts), `images/`, `panels/`, `dicom/` (per model version), `summary.json`.
 
-    `classifier_uri` chooses the sweep methods' setting per image and, where metrics are on, scores every row."""
+    A rerun plans the same keys, skips every committed one (a failure too, unless `edit.retry_failed`) and ends
+    with planned = done + failed. `classifier_uri` chooses the sweep methods' setting per image and, where
+    metrics are on, scores every row. `editor`: the editing actor class (default `CounterfactualStage`; a
+    subclass adds behaviour, e.g. the fault-injection tests')."""
     import pyarrow.dataset as pds
     import ray.data
 
+    from cfgen.pipeline import commit
+    from cfgen.pipeline.plan import check_columns, expand, model_version, plan_summary, rules, unit_table
+    from cfgen.pipeline.progress import Progress
+
     edit = job.edit
     out = out_uri or join_uri(job.output_uri, "generate")
-    results_uri = join_uri(out, "results")
+    results_uri, failures_uri = join_uri(out, "results"), join_uri(out, "failures")
+    plan = rules(edit, job.data.prompt)
     fs, path = pyarrow_filesystem(decoded_uri, job.storage)
-    columns = pds.dataset(path, filesystem=fs, format="parquet").schema.names
-    keep = [c for c in columns if c not in ("provenance", "error_stage", "error_reason")]
-    ds = decoded_rows(job, decoded_uri, splits, columns=keep)
-    if edit.limit:
-        ds = ds.limit(edit.limit)
-    done = _done_image_ids(results_uri, job)
-    if done:
+    decoded = pds.dataset(path, filesystem=fs, format="parquet")
+    columns = decoded.schema.names
+    check_columns(plan, columns)
+    meta_columns = [c for c in columns if c not in ("image", "provenance") and not c.startswith("__")]
+    meta = decoded.to_table(columns=meta_columns).to_pandas()
+    version = model_version(model_uri, job)
+    keys = expand(plan, meta, version, splits)
+    write_bytes(join_uri(out, "plan", "keys.parquet"), _parquet_bytes(pa.Table.from_pandas(keys, preserve_index=False)),
+                job.storage)
+    if edit.retry_failed:
+        commit.remove_parts(failures_uri, job.storage)
+    done_before = commit.committed_keys(results_uri, job.storage) & set(keys["key"])
+    failed_before = commit.committed_keys(failures_uri, job.storage) & set(keys["key"])
+    inputs_bad = keys[(keys["input_status"] != "ok") & ~keys["key"].isin(failed_before | done_before)]
+    if len(inputs_bad):
+        rows = inputs_bad.to_dict("records")
+        commit.write_part(_failure_table(rows, "", "input_error", stage="input"), failures_uri, job.storage)
+    pending = keys[(keys["input_status"] == "ok") & ~keys["key"].isin(done_before | failed_before)]
+    progress = Progress(planned=len(keys), done=len(done_before), failed=len(failed_before) + len(inputs_bad),
+                        every_s=edit.output.progress_every_s)
+    progress.line("planned")
+    images_skipped = int(keys.loc[keys["input_status"] == "ok", "image_id"].nunique()
+                         - pending["image_id"].nunique())
+    if len(pending):
         from ray.data.expressions import col
 
-        ds = ds.filter(expr=col("image_id").not_in(sorted(done)))
+        keep = [c for c in columns if c not in ("provenance", "error_stage", "error_reason") and not c.startswith("__")]
+        ds = decoded_rows(job, decoded_uri, None, columns=keep)
+        ds = ds.filter(expr=col("image_id").is_in(sorted(pending["image_id"].unique().tolist())))
+        # one editing batch per block (streaming, no shuffle): a map task's output is one block, so without this a
+        # decoded file read as one block would be committed only when all of it is edited, and a killed job would
+        # lose everything since its start instead of one batch
+        ds = ds.repartition(target_num_rows_per_block=edit.batch_size)
+        units = unit_table(pending)
+        cf = ds.map_batches(
+            editor or CounterfactualStage,
+            fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python"),
+                                   "units": ray.put(units), "classifier_uri": classifier_uri,
+                                   "model_version": version},
+            compute=ray.data.ActorPoolStrategy(size=edit.num_actors),
+            batch_size=edit.batch_size,
+            num_cpus=edit.cpus_per_actor,
+            num_gpus=edit.gpus_per_actor or None,
+            batch_format="pyarrow",
+        )
+        measured = cf.map_batches(
+            MeasureStage,
+            fn_constructor_kwargs={
+                "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
+                "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
+                "output": edit.output, "reversibility": job.metrics.reversibility,
+            },
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=edit.batch_size * max(len(r.config.edits) for r in plan),
+            num_cpus=job.metrics.cpus_per_actor,
+            batch_format="pyarrow",
+        )
+        committed = measured.map_batches(
+            CommitStage, fn_constructor_kwargs={"results_uri": results_uri, "failures_uri": failures_uri,
+                                                "storage": job.storage},
+            compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=0.1, batch_format="pyarrow")
+        for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
+            failed = int(sum(batch["failed"].to_pylist()))
+            progress.update(done=batch.num_rows - failed, failed=failed)
+    removed = commit.deduplicate(results_uri, job.storage) + commit.deduplicate(failures_uri, job.storage)
+    done_keys = commit.committed_keys(results_uri, job.storage) & set(keys["key"])
+    failed_keys = commit.committed_keys(failures_uri, job.storage) & set(keys["key"])
+    summary = {
+        "planned": int(len(keys)), "done": len(done_keys), "failed": len(failed_keys - done_keys),
+        "missing": int(len(set(keys["key"]) - done_keys - failed_keys)),
+        "done_before": len(done_before), "failed_before": len(failed_before),
+        "written_this_run": len(done_keys - done_before), "duplicates_removed": int(removed),
+        "model_uri": model_uri, "model_version": version, "plan": plan_summary(keys),
+        "seconds": round(progress.elapsed, 3),
+        "counterfactuals_per_s": round((len(done_keys - done_before)) / max(progress.elapsed, 1e-9), 4),
+        "results_uri": results_uri, "failures_uri": failures_uri,
+    }
+    write_bytes(join_uri(out, "summary.json"), json.dumps(summary, indent=1).encode(), job.storage)
+    progress.line("finished", force=True)
+    if summary["missing"]:
+        raise RuntimeError(f"generation ended with {summary['missing']} planned keys neither done nor failed "
+                           f"(planned {summary['planned']}, done {summary['done']}, failed {summary['failed']}); "
+                           f"rerun to finish them")
+    return GenerateResult(results_uri, summary["written_this_run"], images_skipped, summary["planned"],
+                          summary["done"], summary["failed"], summary)
 
-    cf = ds.map_batches(
-        CounterfactualStage,
-        fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python"),
-                               "classifier_uri": classifier_uri},
-        compute=ray.data.ActorPoolStrategy(size=edit.num_actors),
-        batch_size=edit.batch_size,
-        num_cpus=edit.cpus_per_actor,
-        num_gpus=edit.gpus_per_actor or None,
-        batch_format="pyarrow",
-    )
-    measured = cf.map_batches(
-        MeasureStage,
-        fn_constructor_kwargs={
-            "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
-            "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
-        },
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=edit.batch_size * len(edit.edits),
-        num_cpus=job.metrics.cpus_per_actor,
-        batch_format="pyarrow",
-    )
-    res_fs, res_path = pyarrow_filesystem(results_uri, job.storage)
-    before = _count(results_uri, job)
-    measured.write_parquet(res_path, filesystem=res_fs)
-    return GenerateResult(results_uri, _count(results_uri, job) - before, len(done))
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
 
-def _count(results_uri: str, job: JobConfig) -> int:
-    import pyarrow.dataset as pds
-
-    fs, path = pyarrow_filesystem(results_uri, job.storage)
-    try:
-        return pds.dataset(path, filesystem=fs, format="parquet").count_rows()
-    except (FileNotFoundError, OSError):
-        return 0
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -16,7 +16,8 @@ JOB_ENV = {
 
 
 def init_ray(cfg: RayConfig, use_gpu: bool = False):
-    """Join the cluster at `cfg.address`, or start a loopback-only local Ray (the embedded default)."""
+    """Join the cluster at `cfg.address` (or at RAY_ADDRESS, which `ray job submit` sets for its entrypoint), or
+    start a loopback-only local Ray (the embedded default)."""
     import ray
 
     for key, value in JOB_ENV.items():
@@ -27,8 +28,9 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
     if ray.is_initialized():
         return ray
     runtime_env = {"env_vars": env_vars}
-    if cfg.address:
-        ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return ray
     # Ray registers the node under the machine's external address by default; the embedded run stays on
     # loopback. Ray reads this switch when `ray` is first imported, so the already-imported constant is set too

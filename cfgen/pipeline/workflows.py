@@ -164,11 +164,15 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
 
 
 def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str | None = None,
-                 splits: list[str] | None = ("test",), classifier_uri: str | None = None, out_uri: str | None = None):
-    """Counterfactuals of `splits`, scored by the classifier (`classifier_uri`, else `classifier.pretrained`; none
+                 splits: list[str] | None = ("test",), classifier_uri: str | None = None, out_uri: str | None = None,
+                 editor: type | None = None):
+    """Counterfactuals of `splits` (the job's edit plan, `cfgen.pipeline.plan`), logged as an MLflow run
+    "cfgen-generate" (planned / done / failed, the rate, the model version), scored by the classifier (`classifier_uri`, else `classifier.pretrained`; none
     leaves the classifier columns out) and, on phantoms, against the truth."""
     from cfgen.pipeline.generate import generate
+    from cfgen.pipeline.plan import rules
 
+    rules(job.edit, job.data.prompt)  # a bad plan fails here, before ingest or any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     model_uri = model_uri or job.model.pretrained
     if not model_uri:
@@ -183,8 +187,23 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
 
         # a missing or mismatched classifier fails here, before any editing; the actors load it by the same URI
         load_classifier(classifier_uri, job.storage, job.tracking, architecture=job.classifier.architecture)
-    return generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job),
-                    classifier_uri=classifier_uri, out_uri=out_uri)
+    from cfgen.tracking import runs
+
+    run_id = runs.start_run(job, "cfgen-generate", tags={"cfgen.job": "generate"})
+    runs.log_params(job.tracking, run_id, {"model_uri": model_uri, "classifier_uri": classifier_uri or ""})
+    try:
+        result = generate(job, model_uri, decoded_uri, splits=splits, phantoms=phantom_config_for(job),
+                          classifier_uri=classifier_uri, out_uri=out_uri, **({"editor": editor} if editor else {}))
+    except BaseException:
+        runs.end_run(job.tracking, run_id, "FAILED")
+        raise
+    s = result.summary or {}
+    runs.log_metrics(job.tracking, run_id, {k: float(s[k]) for k in (
+        "planned", "done", "failed", "written_this_run", "duplicates_removed", "seconds", "counterfactuals_per_s")
+        if k in s})
+    runs.log_params(job.tracking, run_id, {"model_version": s.get("model_version", "")})
+    runs.end_run(job.tracking, run_id)
+    return result
 
 
 def _fidelity_text(job: JobConfig) -> str:

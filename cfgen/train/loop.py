@@ -136,6 +136,19 @@ class _Model:
             self.module.save_pretrained(Path(folder) / EXPORT_DIR)
 
 
+def noise_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, snr_gamma: float | None
+               ) -> torch.Tensor:
+    """MSE of the noise prediction; with `snr_gamma`, each sample weighted by min(SNR_t, gamma) / SNR_t, the
+    Min-SNR weighting for an epsilon-predicting model (SNR_t = alpha_bar_t / (1 - alpha_bar_t))."""
+    if snr_gamma is None:
+        return F.mse_loss(pred, noise)
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    per_sample = ((pred - noise) ** 2).flatten(1).mean(1)
+    return (weight * per_sample).mean()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -210,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 pred = model(noisy.to(model.dtype), t, token_ids(pipe, prompts)).sample
             else:
                 pred = model(noisy.to(model.dtype), t, encoder_hidden_states=text.to(model.dtype)).sample
-            loss = F.mse_loss(pred.float(), noise)
+            loss = noise_loss(pred.float(), noise, t, scheduler, train.snr_gamma)
             model.backward_and_step(loss)
             step += 1
             metrics = {"loss": loss.item(), "step": step}

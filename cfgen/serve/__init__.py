@@ -1,0 +1,2 @@
+"""Ray Serve: counterfactuals over HTTP (`deployment`), on the batch job's engine (`editor`), with limits (`inputs`),
+a versioned API and a web page (`app`, `page`)."""
