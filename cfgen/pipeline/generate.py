@@ -131,7 +131,7 @@ class CounterfactualStage:
         planned = [[planned_edit(r, f, e, edit, prompt) for r, f in zip(rows, factual)] for e in edits]
         cf_prompts = [[p.prompt for p in per_edit] for per_edit in planned]
         masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
-            if edit.confine == "mask" else (None, [False] * len(rows))
+            if edit.confine == "mask" and failure is None else (None, [False] * len(rows))  # a failure reads none
         options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows])
         n, k = len(rows), len(edits)
         if failure is None:
@@ -190,12 +190,6 @@ FAILURE_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("method", pa.string()), ("model_version", pa.string()), ("stage", pa.string()),
     ("reason", pa.string()),
 ])
-
-
-def _failure(unit: dict[str, Any], stage: str, reason: str) -> dict[str, Any]:
-    return {"key": unit["key"], "image_id": str(unit["image_id"]), "rule": unit["rule"],
-            "edit_name": unit["edit_name"], "seed": int(unit["seed"]), "method": unit.get("method"),
-            "model_version": unit.get("model_version"), "stage": stage, "reason": reason}
 
 
 def _get_ref(ref):

@@ -11,7 +11,6 @@ batched with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -143,7 +142,7 @@ class Editor:
         from cfgen.editing.engine import counterfactuals, engine_options
         from cfgen.io.prompts import build_prompt
         from cfgen.metrics.image import as_unit_float
-        from cfgen.pipeline.generate import planned_edit
+        from cfgen.pipeline.generate import edit_seed, planned_edit
 
         base = self.job.edit.model_dump(exclude={"plan"})
         config = EditConfig.model_validate({**base, "method": method, "num_inference_steps": steps,
@@ -155,7 +154,7 @@ class Editor:
                    for item, p in zip(items, factual_prompts)]
         images = np.stack([item.image for item in items])
         masks = np.stack([item.mask for item in items]).astype(np.float32) if masked else None
-        seeds = [int(hashlib.sha256(f"{item.digest}|{item.seed}".encode()).hexdigest()[:8], 16) for item in items]
+        seeds = [edit_seed(item.digest, item.seed) for item in items]  # the batch job's per-image seed
         options = dict(engine_options(config), masks=masks, seeds=seeds)
         with self._lock:
             result = counterfactuals(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)

@@ -92,25 +92,19 @@ def check_spec(spec: EditSpec, job: JobConfig) -> tuple[str, int, float]:
     return method, steps, guidance
 
 
-def _sniff(data: bytes) -> str | None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if len(data) > 132 and data[128:132] == b"DICM":
-        return "dicom"
-    return None
+def _dicom_header(data: bytes):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the client's malformed file
+        raise RequestError(422, f"the DICOM could not be read: {type(err).__name__}") from None
 
 
-def declared_pixels(data: bytes, kind: str) -> int:
-    """Rows x columns (x frames) the file says it holds, from its header only."""
+def declared_pixels(data: bytes, kind: str, header=None) -> int:
+    """Rows x columns (x frames) the file says it holds, from its header only (`header`: a DICOM's, if read)."""
     if kind == "dicom":
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except Exception as err:  # noqa: BLE001 - any parse failure is the client's malformed file
-            raise RequestError(422, f"the DICOM could not be read: {type(err).__name__}") from None
+        ds = header if header is not None else _dicom_header(data)
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         frames = int(ds.get("NumberOfFrames") or 1)
         if not rows or not cols:
@@ -126,14 +120,8 @@ def declared_pixels(data: bytes, kind: str) -> int:
     return int(w) * int(h)
 
 
-def dicom_metadata(data: bytes) -> dict[str, Any]:
+def dicom_metadata(ds) -> dict[str, Any]:
     """Sex and age from a DICOM header (PatientSex M/F, PatientAge like 063Y), to complete the factual prompt."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:  # noqa: BLE001
-        return {}
     out: dict[str, Any] = {}
     sex = str(ds.get("PatientSex") or "").strip().upper()
     if sex in ("F", "M"):
@@ -147,7 +135,7 @@ def dicom_metadata(data: bytes) -> dict[str, Any]:
 
 def read_image(data: bytes, content_type: str | None, job: JobConfig) -> tuple[np.ndarray, str, dict[str, Any]]:
     """(uint8 [S,S] at the model's size, its kind, header metadata) of an uploaded file."""
-    from cfgen.io.decode import DecodeError
+    from cfgen.io.decode import DecodeError, sniff_format
     from cfgen.io.preprocess import decode_and_preprocess
     from cfgen.metrics.image import as_unit_float
 
@@ -160,13 +148,14 @@ def read_image(data: bytes, content_type: str | None, job: JobConfig) -> tuple[n
     if declared and declared not in IMAGE_TYPES:
         raise RequestError(415, f"content type {declared!r} is not an image this server reads: send "
                                 "image/png, image/jpeg or application/dicom")
-    kind = _sniff(data)
+    kind = sniff_format(data)
     if kind is None:
         raise RequestError(415 if declared in ("", "application/octet-stream") else 422,
                            "the bytes are not a PNG, a JPEG or a DICOM (Part 10, with the DICM preamble)")
     if IMAGE_TYPES.get(declared) not in (None, kind):
         raise RequestError(415, f"the content type says {declared} but the bytes are a {kind.upper()}")
-    pixels = declared_pixels(data, kind)
+    header = _dicom_header(data) if kind == "dicom" else None  # parsed once: size check and metadata
+    pixels = declared_pixels(data, kind, header)
     if pixels > s.max_pixels:
         raise RequestError(413, f"the image declares {pixels:,} pixels; the limit is {s.max_pixels:,}")
     decode = job.data.decode.model_copy(update={"dtype": "uint8"})
@@ -177,7 +166,7 @@ def read_image(data: bytes, content_type: str | None, job: JobConfig) -> tuple[n
     except Exception as err:  # noqa: BLE001 - a decoder crash on hostile bytes is still the client's file
         raise RequestError(422, f"the image could not be decoded: {type(err).__name__}") from None
     image = np.clip(np.rint(as_unit_float(image) * 255), 0, 255).astype(np.uint8)
-    meta = dicom_metadata(data) if kind == "dicom" else {}
+    meta = dicom_metadata(header) if header is not None else {}
     return image, kind, meta
 
 
