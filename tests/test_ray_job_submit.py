@@ -17,9 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.skip(
-    reason="in progress: with the agent ports and auth fixed a manual submit succeeds beside a local Ray, but this "
-           "test's run still outlived its 590 s budget in the last session; not yet proven")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -113,9 +111,10 @@ def _wait(address, env, job_id, timeout=600) -> str:
     while time.time() < deadline:
         out = _ray("job", "status", "--address", address, job_id, env=env, check=False)
         status = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # the CLI colours its words
-        for final in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if re.search(rf"\b{final}\b", status):
-                return final
+        # a finished job reads "Job '<id>' succeeded" (or failed, stopped); a live one "Status for job …: RUNNING"
+        final = re.search(rf"Job '{job_id}' (succeeded|failed|stopped)|: (SUCCEEDED|FAILED|STOPPED)\b", status)
+        if final:
+            return (final.group(1) or final.group(2)).upper()
         time.sleep(3)
     _ray("job", "stop", "--address", address, job_id, env=env, check=False)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s: {status}")
