@@ -80,11 +80,23 @@ def score(job, out: dict[str, Any]) -> dict[str, Any]:
         planted = bool(s and (s["ci_low"] > 0 or s["ci_high"] < 0) and abs(s["mean"]) > 1e-4)
         rows.append({"intervention": r["intervention"], "region": r["region"], "null_control": bool(r["null_control"]),
                      "n": int(r["n"]), "estimate": r["mean_diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
-                     "p_value": r["p_value"], "flagged": bool(r["flagged"]),
+                     "p_value": r["p_value"], "q_value": r["q_value"], "significant": bool(r["significant"]),
+                     "flagged": bool(r["flagged"]), "min_effect": float(r["min_effect"]),
                      "planted_size": s["mean"] if s else np.nan, "planted": planted,
                      "covers_planted": bool(r["ci_low"] <= s["mean"] <= r["ci_high"]) if s else False,
                      "effect_ratio": r["mean_diff"] / s["mean"] if s and planted else np.nan})
     table = pd.DataFrame(rows)
+    from cfgen.pipeline.workflows import phantom_config_for
+
+    confounding = phantom_config_for(job).confounding
+    return {"regions": json.loads(table.to_json(orient="records")),
+            "checks": checks_for(table, entanglement, confounding),
+            "entanglement": json.loads(entanglement.to_json(orient="records")), "confounding": confounding,
+            "eligibility": out["eligibility"], "notes": out["notes"], "report": out["report"]}
+
+
+def checks_for(table: pd.DataFrame, entanglement: pd.DataFrame, confounding: float) -> list[dict[str, Any]]:
+    """The issue's PASS/MISS checks on a scored region table and the entanglement table."""
     checks = []
     lungs = table["region"].isin(LUNG_REGIONS)
     for _, r in table[table["planted"] & lungs & ~table["null_control"]].iterrows():
@@ -101,9 +113,6 @@ def score(job, out: dict[str, Any]) -> dict[str, Any]:
         checks.append({"check": f"null control {name}: no region flagged",
                        "value": ", ".join(mine.loc[mine["flagged"], "region"]) or "none", "pass": not mine["flagged"].any()})
     ent = entanglement[(entanglement["intervened"] == "pleural_effusion=1") & (entanglement["other"] == "support_devices")]
-    from cfgen.pipeline.workflows import phantom_config_for
-
-    confounding = phantom_config_for(job).confounding
     if len(ent):
         e = ent.iloc[0]
         want = confounding > 0
@@ -111,9 +120,23 @@ def score(job, out: dict[str, Any]) -> dict[str, Any]:
                                 f"(confounding {confounding:g})",
                        "value": f"shift {e['mean_shift']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}], flagged "
                                 f"{bool(e['flagged'])}", "pass": bool(e["flagged"]) == want})
-    return {"regions": json.loads(table.to_json(orient="records")), "checks": checks,
-            "entanglement": json.loads(entanglement.to_json(orient="records")), "confounding": confounding,
-            "eligibility": out["eligibility"], "notes": out["notes"], "report": out["report"]}
+    return checks
+
+
+def rescore(block: dict[str, Any], alpha: float, min_effect: float) -> dict[str, Any]:
+    """A stored result judged again with another minimum effect: the same estimates, CIs and p-values (nothing is
+    regenerated), the verdicts of `cfgen.discovery.analysis.verdicts`, the checks again."""
+    from cfgen.discovery.analysis import verdicts
+    from cfgen.discovery.stats import benjamini_hochberg
+
+    table = pd.DataFrame(block["regions"])
+    table["q_value"] = benjamini_hochberg(table["p_value"].to_numpy(np.float64), alpha)[1]
+    table = verdicts(table, alpha, min_effect)
+    entanglement = pd.DataFrame(block["entanglement"])
+    return {**block, "regions": json.loads(table.to_json(orient="records")),
+            "checks": checks_for(table, entanglement, block["confounding"]),
+            "rescored": {"min_effect": min_effect, "alpha": alpha,
+                         "from": "the estimates, CIs and p-values stored by an earlier run"}}
 
 
 def main() -> None:
@@ -121,7 +144,20 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "phantom-bench.yaml")])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "discovery.json"))
     parser.add_argument("--set", nargs="*", default=[], help="section.key=value overrides for every config")
+    parser.add_argument("--rescore", help="judge a stored discovery.json again (with --min-effect) instead of running")
+    parser.add_argument("--min-effect", type=float, help="discovery.min_effect for --rescore")
     args = parser.parse_args()
+    if args.rescore:
+        from cfgen.config import DiscoveryConfig
+
+        blocks = json.loads(Path(args.rescore).read_text())
+        margin = DiscoveryConfig().min_effect if args.min_effect is None else args.min_effect
+        results = [rescore(b, DiscoveryConfig().alpha, margin) for b in blocks]
+        for b in results:
+            print_block(b)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        print(f"\nwrote {args.json}")
+        return
 
     from cfgen.config import load_config
     from cfgen.pipeline.discover import run_discover
@@ -137,24 +173,31 @@ def main() -> None:
         scored.update(config=path, overrides=args.set, seconds=round(time.time() - started, 1),
                       method=job.edit.method, steps=job.edit.num_inference_steps, guidance=job.edit.guidance_scale)
         results.append(scored)
-        print(f"\n## {path} (confounding {scored['confounding']:g}; {scored['seconds']:.0f} s; report "
-              f"{scored['report']})\n")
-        print("| intervention | region | n | estimate | 95% CI | p | flagged | planted size | covers | ratio |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for r in scored["regions"]:
-            ratio = r["effect_ratio"]
-            ratio = "-" if ratio is None or np.isnan(ratio) else f"{ratio:.2f}"
-            control = " (null control)" if r["null_control"] else ""
-            planted = " (planted)" if r["planted"] else ""
-            print(f"| {r['intervention']}{control} | {r['region']} | {r['n']} | {r['estimate']:.4f} "
-                  f"| [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['p_value']:.1e} | {'yes' if r['flagged'] else 'no'} "
-                  f"| {r['planted_size']:.4f}{planted} | {'yes' if r['covers_planted'] else 'no'} | {ratio} |")
-        print("\n| check | value | result |\n|---|---|---|")
-        for c in scored["checks"]:
-            print(f"| {c['check']} | {c['value']} | {'PASS' if c['pass'] else 'MISS'} |")
+        print_block(scored)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwrote {args.json}")
+
+
+def print_block(scored: dict[str, Any]) -> None:
+    margin = scored["regions"][0].get("min_effect") if scored["regions"] else None
+    print(f"\n## {scored['config']} (confounding {scored['confounding']:g}; {scored['seconds']:.0f} s; "
+          f"minimum effect {margin}; report {scored['report']})\n")
+    print("| intervention | region | n | estimate | 95% CI | p | significant | flagged | planted size | covers | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in scored["regions"]:
+        ratio = r["effect_ratio"]
+        ratio = "-" if ratio is None or np.isnan(ratio) else f"{ratio:.2f}"
+        control = " (null control)" if r["null_control"] else ""
+        planted = " (planted)" if r["planted"] else ""
+        print(f"| {r['intervention']}{control} | {r['region']} | {r['n']} | {r['estimate']:.4f} "
+              f"| [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['p_value']:.1e} "
+              f"| {'-' if r.get('significant') is None else ('yes' if r['significant'] else 'no')} "
+              f"| {'yes' if r['flagged'] else 'no'} "
+              f"| {r['planted_size']:.4f}{planted} | {'yes' if r['covers_planted'] else 'no'} | {ratio} |")
+    print("\n| check | value | result |\n|---|---|---|")
+    for c in scored["checks"]:
+        print(f"| {c['check']} | {c['value']} | {'PASS' if c['pass'] else 'MISS'} |")
 
 
 if __name__ == "__main__":

@@ -434,6 +434,11 @@ class DiscoveryConfig(_Section):
     test: Literal["t", "wilcoxon"] = Field("t", description="paired test of the region statistics")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of each region CI")
     min_subjects: int = Field(10, ge=3, description="fewer eligible subjects: no test, a report line says so")
+    min_effect: float = Field(
+        0.01, ge=0, description="the smallest region effect worth a finding, set before the run: a row is flagged "
+                                "only where its CI clears +/- this (image intensities on [0, 1]; 0.01 is 1% of the "
+                                "range, ~2.5 of 256 grey levels, near the contrast a reader can see). 0: any "
+                                "effect whose CI excludes 0")
     masks: dict[str, str] = Field(
         {"lungs": "mask_uri"}, description="region name -> manifest column of mask URIs; 'lungs' is split into "
                                            "each lung and its upper / middle / lower thirds")

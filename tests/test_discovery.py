@@ -125,6 +125,36 @@ def test_the_region_table_flags_the_lungs_and_nothing_outside():
     assert by.loc["lungs", "test"] == "paired-t" and by.loc["lungs", "n"] == 60
 
 
+def test_a_small_effect_is_significant_but_not_a_finding_below_the_minimum_effect():
+    # 0.004 everywhere in the lungs, n 60, noise 0.01: the CI excludes 0, but not the pre-set margin of 0.01
+    config, subjects = _subjects(effect=0.004)
+    table, notes = region_table(subjects, subjects, [Intervention("smoking", 1)], config)
+    lungs = table.set_index("region").loc["lungs"]
+    assert lungs["significant"] and not lungs["flagged"] and lungs["min_effect"] == 0.01
+    assert lungs["ci_low"] > 0 and lungs["ci_high"] < 0.01
+    assert any("not flagged" in n and "+/-0.01" in n for n in notes)
+    bare, _ = region_table(subjects, subjects, [Intervention("smoking", 1)], config.model_copy(update={"min_effect": 0}))
+    assert bare.set_index("region").loc["lungs", "flagged"]  # margin 0: the bare CI test
+
+
+def test_a_finding_must_clear_what_the_null_control_found_in_its_region():
+    from cfgen.discovery.analysis import verdicts
+
+    table = pd.DataFrame([
+        {"intervention": "smoking=1", "region": "lungs", "null_control": False, "ci_low": 0.012, "ci_high": 0.02,
+         "q_value": 1e-9},
+        {"intervention": "smoking=1", "region": "heart", "null_control": False, "ci_low": 0.012, "ci_high": 0.02,
+         "q_value": 1e-9},
+        {"intervention": "sex=F", "region": "lungs", "null_control": True, "ci_low": -0.015, "ci_high": -0.011,
+         "q_value": 1e-9},
+    ])
+    out = verdicts(table, alpha=0.05, min_effect=0.01).set_index(["intervention", "region"])
+    # the null control moved the lungs by up to 0.015: a lung effect whose CI starts at 0.012 does not clear it
+    assert not out.loc[("smoking=1", "lungs"), "flagged"] and out.loc[("smoking=1", "lungs"), "null_bound"] == 0.015
+    assert out.loc[("smoking=1", "heart"), "flagged"]  # no null control there: the margin alone
+    assert out.loc[("sex=F", "lungs"), "flagged"]  # the control itself is judged on the margin: a red warning
+
+
 def test_too_few_subjects_is_a_note_not_a_nan_table():
     config, subjects = _subjects(n=4)
     table, notes = region_table(subjects, subjects, [Intervention("smoking", 1)], config)

@@ -258,7 +258,7 @@ def region_table(subjects: pd.DataFrame, population: pd.DataFrame, interventions
                  config: DiscoveryConfig) -> tuple[pd.DataFrame, list[str]]:
     """One row per (intervention, region): the paired counterfactual estimate with its bootstrap CI, test and
     effect size; its size per unit of the attribute; the observational slope of the same statistic; and whether
-    it is flagged (CI excludes 0 and the Benjamini-Hochberg q-value over all rows is <= alpha)."""
+    it is flagged (`verdicts`)."""
     regions = region_names(config)
     test_name = "paired-t" if config.test == "t" else "wilcoxon-signed-rank"
     rows, notes = [], []
@@ -294,10 +294,35 @@ def region_table(subjects: pd.DataFrame, population: pd.DataFrame, interventions
         return table, notes
     _, q = benjamini_hochberg(table["p_value"].to_numpy(np.float64), config.alpha)
     table["q_value"] = q
-    excludes = (table["ci_low"] > 0) | (table["ci_high"] < 0)
-    table["flagged"] = (excludes & (table["q_value"] <= config.alpha)).fillna(False).astype(bool)
-    table["alpha"] = config.alpha
+    table = verdicts(table, config.alpha, config.min_effect)
+    below = table[table["significant"] & ~table["flagged"]]
+    if len(below):
+        notes.append(f"{len(below)} region rows are significant (CI excludes 0, q <= {config.alpha:g}) but not "
+                     f"flagged: their CI does not clear the pre-set minimum effect +/-{config.min_effect:g} or the "
+                     f"null controls' size in that region")
     return table, notes
+
+
+def verdicts(table: pd.DataFrame, alpha: float, min_effect: float) -> pd.DataFrame:
+    """`significant`: the CI excludes 0 and the BH q-value is <= alpha. `flagged`, a candidate finding: also the
+    whole CI beyond +/-`min_effect` (a margin fixed before the run, so the engine's small bias across thousands of
+    subjects does not pass for a finding) and, for an intervention where null controls ran, beyond the largest
+    |CI bound| of a null control in the same region (`null_bound`): what the analysis finds when nothing is there.
+    A null control itself is judged against the margin alone."""
+    table = table.copy()
+    low, high = table["ci_low"], table["ci_high"]
+    table["significant"] = (((low > 0) | (high < 0)) & (table["q_value"] <= alpha)).fillna(False).astype(bool)
+    controls = table[table["null_control"].astype(bool)]
+    bound = controls.assign(b=np.maximum(controls["ci_low"].abs(), controls["ci_high"].abs())) \
+        .groupby("region")["b"].max() if len(controls) else pd.Series(dtype=np.float64)
+    own = table["region"].map(bound).where(~table["null_control"].astype(bool))
+    table["null_bound"] = own
+    margin = np.fmax(min_effect, own.fillna(0.0).to_numpy(np.float64))
+    clears = (low > margin) | (high < -margin)
+    table["flagged"] = (table["significant"] & clears.fillna(False)).astype(bool)
+    table["min_effect"] = min_effect
+    table["alpha"] = alpha
+    return table
 
 
 def _per_unit(d: np.ndarray, u: np.ndarray) -> tuple[float, float]:

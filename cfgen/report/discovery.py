@@ -154,8 +154,10 @@ def findings_section(regions: pd.DataFrame, alpha: float) -> str:
     if not len(regions):
         return parts[0] + "<p>No region tests were computed, so there are no findings.</p>"
     flagged = regions[regions["flagged"].map(_truthy) & ~regions["null_control"].map(_truthy)]
-    parts.append(f"<p class=note>Region effects whose {100 * (1 - alpha):g}% CI excludes 0, largest |effect size| "
-                 "first. 'In the data': whether the observational slope of the factual region statistic on the "
+    margin = float(regions["min_effect"].iloc[0]) if "min_effect" in regions else 0.0
+    parts.append(f"<p class=note>Region effects whose {100 * (1 - alpha):g}% CI excludes 0 at the FDR level, and "
+                 f"lies wholly beyond the minimum effect set before the run (&plusmn;{margin:g}) and beyond what a "
+                 "null control of this run found in the same region; largest |effect size| first. 'In the data': whether the observational slope of the factual region statistic on the "
                  "attribute points the same way (an effect the data does not show may be hidden by confounding, "
                  "one it shows the other way deserves suspicion).</p>")
     if len(flagged):
@@ -170,6 +172,14 @@ def findings_section(regions: pd.DataFrame, alpha: float) -> str:
         parts.append(f"<div class=wide>{html_table(table)}</div>")
     else:
         parts.append("<p>No region effect was flagged.</p>")
+    if "significant" in regions:
+        quiet = regions[regions["significant"].map(_truthy) & ~regions["flagged"].map(_truthy)
+                        & ~regions["null_control"].map(_truthy)]
+        if len(quiet):
+            rows = ", ".join(f"{html.escape(_text(r['intervention']))} / {html.escape(_text(r['region']))} "
+                             f"({_num(r['mean_diff'])})" for _, r in quiet.head(12).iterrows())
+            parts.append(f"<p class=note>Significant but within the margin (not findings): {len(quiet)} rows, "
+                         f"e.g. {rows}.</p>")
     controls = regions[regions["null_control"].map(_truthy)]
     if not len(controls):
         parts.append("<p class=note>No null control was run: there is nothing to say how often this analysis "

@@ -1,7 +1,7 @@
 """Ray Serve: an ingress deployment (the FastAPI app of `cfgen.serve.app`) and an editing deployment (the engine,
 `cfgen.serve.editor.Editor`, with dynamic batching), bound into one application.
 
-    serve run cfgen.serve.deployment:app_builder config=configs/serve-demo.yaml     # or configs/serve.yaml
+    serve run configs/serve/demo.yaml                          # or: serve run cfgen.serve.deployment:app_builder config=<job yaml>
     .venv/bin/python jobs/serve.py --config configs/demo.yaml serve.port=8000
 
 The editing deployment loads the model once per replica (GPU when `serve.num_gpus` > 0), batches requests with
