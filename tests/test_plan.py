@@ -163,6 +163,8 @@ def test_deduplicate_keeps_each_key_once_and_leaves_other_parts_alone(tmp_path):
     assert sorted(table["key"].to_pylist()) == ["a", "b", "c", "d"]
     assert untouched in [("/" if not f.startswith("/") else "") + f for f in commit.part_files(folder)]
     assert commit.deduplicate(folder) == 0
+    assert commit.deduplicate_keys(folder) == (0, {"a", "b", "c", "d"})  # the keys come with the pass
+    assert commit.deduplicate_keys(str(tmp_path / "nothing")) == (0, set())
 
 
 def test_parts_on_a_real_s3_server(s3_storage, bucket):

@@ -68,12 +68,21 @@ def committed_keys(folder_uri: str, storage: StorageConfig | None = None) -> set
 def deduplicate(folder_uri: str, storage: StorageConfig | None = None) -> int:
     """Rewrite the parts that share a key so each key is held once (the part written last keeps it); returns
     the number of rows removed. Parts without shared keys are not touched."""
+    return deduplicate_keys(folder_uri, storage)[0]
+
+
+def deduplicate_keys(folder_uri: str, storage: StorageConfig | None = None) -> tuple[int, set[str]]:
+    """`deduplicate`, also returning the committed keys it read (the job's final count needs no second pass over
+    every part, which on object storage is one request per part)."""
     files = part_files(folder_uri, storage)
-    if len(files) < 2:
-        return 0
+    if not files:
+        return 0, set()
     fs, _ = pyarrow_filesystem(folder_uri, storage)
     paths = files
     keys = {p: pq.read_table(p, filesystem=fs, columns=["key"])["key"].to_pylist() for p in paths}
+    every = {k for ks in keys.values() for k in ks}
+    if len(files) < 2:
+        return 0, every
     seen: dict[str, str] = {}
     for p in sorted(paths, key=lambda p: fs.get_file_info(p).mtime_ns or 0, reverse=True):
         for k in keys[p]:
@@ -91,7 +100,7 @@ def deduplicate(folder_uri: str, storage: StorageConfig | None = None) -> int:
         ffs.rm(p)
         if kept.num_rows:
             write_part(kept, folder_uri, storage)
-    return removed
+    return removed, every
 
 
 def remove_parts(folder_uri: str, storage: StorageConfig | None = None) -> int:

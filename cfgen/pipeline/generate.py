@@ -577,9 +577,11 @@ def generate(
         for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
             failed = int(sum(batch["failed"].to_pylist()))
             progress.update(done=batch.num_rows - failed, failed=failed)
-    removed = commit.deduplicate(results_uri, job.storage) + commit.deduplicate(failures_uri, job.storage)
-    done_keys = commit.committed_keys(results_uri, job.storage) & set(keys["key"])
-    failed_keys = commit.committed_keys(failures_uri, job.storage) & set(keys["key"])
+    removed_done, done_keys = commit.deduplicate_keys(results_uri, job.storage)
+    removed_failed, failed_keys = commit.deduplicate_keys(failures_uri, job.storage)
+    removed = removed_done + removed_failed
+    done_keys &= set(keys["key"])
+    failed_keys &= set(keys["key"])
     summary = {
         "planned": int(len(keys)), "done": len(done_keys), "failed": len(failed_keys - done_keys),
         "missing": int(len(set(keys["key"]) - done_keys - failed_keys)),
