@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,18 +80,53 @@ def measure(results_uri: str) -> dict[str, float]:
                                                                           "bootstrap": 500}})
     init_ray(job.ray)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = {"anon": 0, "shmem": 0, "workers": 0}
+    done = threading.Event()
+
+    def rollup() -> dict[str, int]:
+        fields = {}
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+        return fields
+
+    def sample():
+        import psutil
+
+        while not done.is_set():
+            fields = rollup()
+            peaks["anon"] = max(peaks["anon"], fields.get("Anonymous", 0))
+            peaks["shmem"] = max(peaks["shmem"], fields.get("Pss_Shmem", 0))
+            workers = 0
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                try:
+                    if "ray::" in " ".join(p.info["cmdline"] or []):
+                        workers += p.info["memory_info"].rss
+                except (psutil.Error, TypeError):
+                    continue
+            peaks["workers"] = max(peaks["workers"], workers)
+            done.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.time()
     reduction = stream_subjects(job, results_uri, plan(job))
     result = summarize(reduction, __import__("pandas").DataFrame())
+    done.set()
+    sampler.join(5)
     lungs = result.regions.set_index("region").loc["lungs"]
     return {"rows": int(lungs["n"]), "seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_anon_mb": round(peaks["anon"] / 2**20, 1), "peak_shmem_mb": round(peaks["shmem"] / 2**20, 1),
+            "peak_workers_rss_mb": round(peaks["workers"] / 2**20, 1),
+            "arrow_pool": __import__("pyarrow").default_memory_pool().backend_name,
             "rss_before_mb": round(before, 1), "lungs_mean_diff": float(lungs["mean_diff"])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--rows", nargs="+", type=int, default=[1000, 100_000])
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "discovery_scale.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -99,15 +135,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pairs = make_pairs(folder)
-        print("| result rows | seconds | rows/s | driver peak RSS (MB) | RSS after start-up (MB) | lungs mean diff |")
-        print("|---|---|---|---|---|---|")
+        print("| result rows | seconds | rows/s | driver peak RSS (MB) | driver's own (anonymous) peak (MB) "
+              "| object-store pages mapped, peak (MB) | Ray workers' RSS, peak (MB) | lungs mean diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        measured = []
         for n in args.rows:
             uri = write_results(folder, pairs, n)
             out = subprocess.run([sys.executable, __file__, "--measure", uri], capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1]
             m = json.loads(out)
             print(f"| {m['rows']:,} | {m['seconds']} | {m['rows'] / m['seconds']:.0f} | {m['peak_rss_mb']} "
-                  f"| {m['rss_before_mb']} | {m['lungs_mean_diff']:.4f} |", flush=True)
+                  f"| {m['peak_anon_mb']} | {m['peak_shmem_mb']} | {m['peak_workers_rss_mb']} "
+                  f"| {m['lungs_mean_diff']:.4f} |",
+                  flush=True)
+            measured.append(m)
+    growth = measured[-1]["peak_anon_mb"] / measured[0]["peak_anon_mb"] if len(measured) > 1 else None
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"runs": measured, "peak_anon_ratio_last_over_first": growth}, indent=1))
+    print(f"\ndriver's own peak memory, {args.rows[-1]:,} rows / {args.rows[0]:,} rows: {growth:.2f}x; wrote {args.json}"
+          if growth else f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,21 @@ JOB_ENV = {
     "HF_HUB_OFFLINE": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    # Arrow's default mimalloc pool keeps what Ray Data's batch formatting frees (threads allocate, others free):
+    # a driver streaming 10,000 discovery rows grew by ~300 MB of such pages and kept growing with the rows.
+    # The system allocator hands large buffers back (bench/RESULTS.md, discovery at scale).
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
 }
+
+
+def use_arrow_pool_from_env() -> None:
+    """Apply ARROW_DEFAULT_MEMORY_POOL in this process too: Arrow reads it when it loads, and a driver has
+    usually imported pyarrow before `init_ray` sets it."""
+    import pyarrow as pa
+
+    wanted = os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
+    if wanted == "system" and pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def init_ray(cfg: RayConfig, use_gpu: bool = False):
@@ -22,7 +36,8 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
 
     for key, value in JOB_ENV.items():
         os.environ.setdefault(key, value)
-    env_vars = dict(JOB_ENV)
+    use_arrow_pool_from_env()
+    env_vars = {key: os.environ.get(key, value) for key, value in JOB_ENV.items()}  # a user's own setting wins
     if not use_gpu:
         env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     if ray.is_initialized():
