@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-#: Bootstrap resamples are drawn in chunks of at most this many indices (32 MiB of int64) so that n = 100,000
-#: subjects with 2,000 resamples does not build a 1.6 GB index matrix.
-BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+#: Bootstrap resamples are drawn in chunks of at most this many indices (8 MiB of int64, as much again for the
+#: gathered values) so that n = 100,000 subjects with 2,000 resamples does not build a 1.6 GB index matrix; at
+#: 4M elements the chunk was the largest transient of a 100,000-row discovery (bench/RESULTS.md).
+BOOTSTRAP_CHUNK_ELEMENTS = 1 << 20
 
 TESTS = {"t": "paired-t", "wilcoxon": "wilcoxon-signed-rank"}
 
