@@ -183,7 +183,8 @@ def print_block(scored: dict[str, Any]) -> None:
     margin = scored["regions"][0].get("min_effect") if scored["regions"] else None
     print(f"\n## {scored['config']} (confounding {scored['confounding']:g}; {scored['seconds']:.0f} s; "
           f"minimum effect {margin}; report {scored['report']})\n")
-    print("| intervention | region | n | estimate | 95% CI | p | significant | flagged | planted size | covers | ratio |")
+    print("| intervention | region | n | estimate | 95% CI | p | significant | flagged | planted size | covers "
+          "| ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in scored["regions"]:
         ratio = r["effect_ratio"]

@@ -152,8 +152,8 @@ def main() -> None:
     growth = measured[-1]["peak_anon_mb"] / measured[0]["peak_anon_mb"] if len(measured) > 1 else None
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"runs": measured, "peak_anon_ratio_last_over_first": growth}, indent=1))
-    print(f"\ndriver's own peak memory, {args.rows[-1]:,} rows / {args.rows[0]:,} rows: {growth:.2f}x; wrote {args.json}"
-          if growth else f"wrote {args.json}")
+    print(f"\ndriver's own peak memory, {args.rows[-1]:,} rows / {args.rows[0]:,} rows: {growth:.2f}x; "
+          f"wrote {args.json}" if growth else f"wrote {args.json}")
 
 
 if __name__ == "__main__":

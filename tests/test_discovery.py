@@ -133,7 +133,8 @@ def test_a_small_effect_is_significant_but_not_a_finding_below_the_minimum_effec
     assert lungs["significant"] and not lungs["flagged"] and lungs["min_effect"] == 0.01
     assert lungs["ci_low"] > 0 and lungs["ci_high"] < 0.01
     assert any("not flagged" in n and "+/-0.01" in n for n in notes)
-    bare, _ = region_table(subjects, subjects, [Intervention("smoking", 1)], config.model_copy(update={"min_effect": 0}))
+    bare, _ = region_table(subjects, subjects, [Intervention("smoking", 1)],
+                           config.model_copy(update={"min_effect": 0}))
     assert bare.set_index("region").loc["lungs", "flagged"]  # margin 0: the bare CI test
 
 

@@ -157,9 +157,10 @@ def findings_section(regions: pd.DataFrame, alpha: float) -> str:
     margin = float(regions["min_effect"].iloc[0]) if "min_effect" in regions else 0.0
     parts.append(f"<p class=note>Region effects whose {100 * (1 - alpha):g}% CI excludes 0 at the FDR level, and "
                  f"lies wholly beyond the minimum effect set before the run (&plusmn;{margin:g}) and beyond what a "
-                 "null control of this run found in the same region; largest |effect size| first. 'In the data': whether the observational slope of the factual region statistic on the "
-                 "attribute points the same way (an effect the data does not show may be hidden by confounding, "
-                 "one it shows the other way deserves suspicion).</p>")
+                 "null control of this run found in the same region; largest |effect size| first. 'In the data': "
+                 "whether the observational slope of the factual region statistic on the attribute points the same "
+                 "way (an effect the data does not show may be hidden by confounding, one it shows the other way "
+                 "deserves suspicion).</p>")
     if len(flagged):
         flagged = flagged.sort_values("effect_size", key=lambda e: e.abs(), ascending=False, na_position="last")
         table = pd.DataFrame([{
