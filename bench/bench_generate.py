@@ -1,9 +1,10 @@
 """The generation job on Ray Data against a plain single-process loop doing the same work, and a long run's memory.
 
 Part 1 (throughput): the same phantoms (`--n`, 500), the same tiny model and edits, the same stage code
-(`CounterfactualStage` -> `MeasureStage` -> `CommitStage`, called as plain functions by the loop, one torch thread),
-side by side in this run: counterfactuals/s of `cfgen.pipeline.generate.generate` on a local Ray with 1 and with 2
-CPUs (one editing actor per CPU, one torch thread each) over the loop's. Targets: >= 0.9x on 1 CPU, >= 1.6x on 2.
+(`FusedStage`: `CounterfactualStage` -> `MeasureStage` -> `CommitStage`, called as a plain function by the loop, one
+torch thread), side by side in this run: counterfactuals/s of `cfgen.pipeline.generate.generate` on a local Ray with
+1 and with 2 CPUs (one editing actor per CPU, one torch thread each) over the loop's, for each stage layout
+(`edit.stages`: fused, the CPU default, and separate, the GPU one). Targets: >= 0.9x on 1 CPU, >= 1.6x on 2.
 Each party runs pinned to its cores (the loop and the 1-CPU Ray run to one core: Ray's own processes included).
 
 Part 2 (scale, `--keys`, 20,000): one run of `generate` over a plan of that many keys (images x edits x seeds),
@@ -34,14 +35,14 @@ EDITS = [{"support_devices": 0}, {"smoking": 1}]
 
 
 def job_config(work: Path, n: int, out: str, cpus: float, actors: int, seeds: list[int], steps: int,
-               batch: int) -> dict:
+               batch: int, stages: str = "auto") -> dict:
     return {
         "output_uri": str(work / out),
         "phantoms": {"n": n, "size": 64, "seed": 11, "formats": ["dicom"], "split_fractions": {"test": 1.0}},
         "data": {"manifest_uri": str(work / f"ph-{n}" / "manifest.parquet"), "decode": {"size": 64}},
         "model": {"pretrained": str(work / "sd")},
         "edit": {"method": "ddpm", "num_inference_steps": steps, "batch_size": batch, "num_actors": actors,
-                 "cpus_per_actor": 1.0, "plan": [{"name": "bench", "edits": EDITS, "seeds": seeds}],
+                 "cpus_per_actor": 1.0, "stages": stages, "plan": [{"name": "bench", "edits": EDITS, "seeds": seeds}],
                  "output": {"panels": False, "progress_every_s": 30}},
         "metrics": {"enabled": False, "cpus_per_actor": 0.25},
         "tracking": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
@@ -81,7 +82,7 @@ def plain_loop(work: Path, n: int, decoded: str, steps: int, batch: int) -> dict
     import torch
 
     from cfgen.config import JobConfig
-    from cfgen.pipeline.generate import CommitStage, CounterfactualStage, MeasureStage
+    from cfgen.pipeline.generate import FusedStage
     from cfgen.pipeline.plan import batch_units, model_version
 
     torch.set_num_threads(1)
@@ -96,12 +97,16 @@ def plain_loop(work: Path, n: int, decoded: str, steps: int, batch: int) -> dict
     table = table.filter(pc.equal(table["status"], "ok"))
     version = model_version(str(work / "sd"), job)
     units = batch_units(job, table.drop_columns(["image"]).to_pandas(), version)
-    edit = CounterfactualStage(str(work / "sd"), job.model_dump(mode="python"), units, model_version=version)
-    measure = MeasureStage(str(out / "generate"), job.storage, job.data.decode, output=job.edit.output)
-    commit = CommitStage(str(out / "generate" / "results"), str(out / "generate" / "failures"), job.storage)
+    stage = FusedStage(  # edit -> measure -> commit, the classes the Ray job's actors run
+        editor={"model_uri": str(work / "sd"), "job": job.model_dump(mode="python"), "units": units,
+                "model_version": version},
+        measure={"output_uri": str(out / "generate"), "storage": job.storage, "decode": job.data.decode,
+                 "output": job.edit.output},
+        commit={"results_uri": str(out / "generate" / "results"), "failures_uri": str(out / "generate" / "failures"),
+                "storage": job.storage})
     done = failed = 0
     for start in range(0, table.num_rows, batch):
-        committed = commit(measure(edit(table.slice(start, batch))))
+        committed = stage(table.slice(start, batch))
         bad = int(sum(committed["failed"].to_pylist()))
         done, failed = done + committed.num_rows - bad, failed + bad
     seconds = time.perf_counter() - started
@@ -182,8 +187,8 @@ class Sampler:
 
 
 def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int, seeds: list[int],
-            label: str, sample: bool) -> dict:
-    """`generate` on a fresh local Ray with `cpus` CPUs (one editing actor each)."""
+            label: str, sample: bool, stages: str) -> dict:
+    """`generate` on a fresh local Ray with `cpus` CPUs (one editing actor each), the stages `stages`."""
     import shutil
 
     from cfgen.config import JobConfig
@@ -194,7 +199,7 @@ def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int,
     shutil.rmtree(out, ignore_errors=True)
     # logical CPUs beyond the editing actors' for the read, measure and commit stages: the physical budget is the
     # process affinity this measurement runs under (`measure`), which every Ray process started from here inherits
-    job = JobConfig.model_validate(job_config(work, n, label, cpus + 2, cpus, seeds, steps, batch))
+    job = JobConfig.model_validate(job_config(work, n, label, cpus + 2, cpus, seeds, steps, batch, stages))
     os.environ["OMP_NUM_THREADS"] = "1"
     init_ray(job.ray)
     started = time.perf_counter()
@@ -208,7 +213,8 @@ def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int,
     if result.failed or result.done != result.planned:
         raise RuntimeError(f"the Ray run ended with {result.done} of {result.planned} keys done, "
                            f"{result.failed} failed: see {out / 'generate' / 'failures'}")
-    row = {"party": f"Ray Data, {cpus} CPU", "cpus": cpus, "counterfactuals": result.done, "seconds": seconds,
+    row = {"party": f"Ray Data, {cpus} CPU, {stages}", "cpus": cpus, "stages": stages,
+           "counterfactuals": result.done, "seconds": seconds,
            "cf_per_s": result.done / seconds, "planned": result.planned, "done": result.done,
            "failed": result.failed, "summary_seconds": (result.summary or {}).get("seconds"),
            **steady_rate(out / "generate" / "results")}
@@ -271,7 +277,8 @@ def worker(args) -> None:
         cpus = int(args.worker)
         seeds = list(range(args.seeds))
         row = ray_run(work, args.n, decoded, cpus, args.steps, args.batch, seeds,
-                      f"ray-{cpus}-{args.n}-{args.seeds}", sample=args.sample)
+                      f"ray-{cpus}-{args.n}-{args.seeds}-{args.stages[0]}", sample=args.sample,
+                      stages=args.stages[0])
     print("ROW " + json.dumps(row))
 
 
@@ -302,6 +309,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"],
+                        help="stage layouts of the Ray runs (edit.stages), each at 1 and 2 CPUs")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -311,8 +320,9 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                     f"from bench.bench_generate import prepare; from pathlib import Path; "
                     f"prepare(Path({str(work)!r}), {args.n})"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    rows = [measure([*common, "--n", str(args.n), "--worker", w], cores=1 if w == "loop" else int(w))
-            for w in ("loop", "1", "2")]
+    rows = [measure([*common, "--n", str(args.n), "--worker", "loop"], cores=1)]
+    rows += [measure([*common, "--n", str(args.n), "--worker", w, "--stages", st], cores=int(w))
+             for st in args.stages for w in ("1", "2")]
     loop = rows[0]["cf_per_s"]
     print(f"\n{args.n} phantoms x {len(EDITS)} edits, ddpm {args.steps} steps, batch {args.batch}")
     print("| party | CPUs | counterfactuals | seconds | cf/s | x loop | target | steady cf/s | steady x loop |")
@@ -338,7 +348,8 @@ def main() -> None:
                             f"prepare(Path({str(work)!r}), {images})"], check=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         long = measure(["--work", str(work), "--steps", str(args.long_steps), "--batch", str(args.batch),
-                        "--n", str(images), "--worker", "2", "--seeds", "5", "--sample"], cores=2)
+                        "--n", str(images), "--worker", "2", "--seeds", "5", "--sample", "--stages", args.stages[0]],
+                       cores=2)
         samples = long.pop("samples")
         plot(samples, ROOT / "bench" / "results" / "generate_memory.png")
         long["driver_rss"] = flat_after_warmup(samples, "driver_rss")

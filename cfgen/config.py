@@ -321,6 +321,12 @@ class EditConfig(_Section):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    stages: Literal["auto", "fused", "separate"] = Field(
+        "auto",
+        description="fused: each editing actor also measures and commits its batches (no hop of the images "
+                    "through the object store, one actor pool to start); separate: a measuring actor and a "
+                    "committing actor after the editing pool, so PNG encoding and metrics stay off a GPU actor; "
+                    "auto: fused without GPUs, separate with them")
     limit: int | None = Field(None, ge=1, description="edit at most N images, chosen by key hash (the same N in "
                                                       "every run)")
     plan: list[PlanRule] = Field([], description="edit plan; empty: every row gets `edits` at `seed`")

@@ -114,15 +114,17 @@ def test_a_corrupt_input_and_a_failing_image_become_failure_rows_and_the_rest_fi
     _check_exact(root / "faults", 20)
 
 
-def test_an_editing_actor_killed_mid_job_is_replaced_and_the_counts_are_exact(phantom_set):
+@pytest.mark.parametrize("stages, actor", [("fused", "FusedStage"), ("separate", "CounterfactualStage")])
+def test_an_editing_actor_killed_mid_job_is_replaced_and_the_counts_are_exact(phantom_set, stages, actor):
     import psutil
     import ray
 
     from cfgen.pipeline.generate import generate
 
     root, decoded = phantom_set
-    job = _job(root, "actor-kill", batch_size=1)
-    results_dir = root / "actor-kill" / "generate" / "results"
+    out_name = f"actor-kill-{stages}"
+    job = _job(root, out_name, batch_size=1, stages=stages)
+    results_dir = root / out_name / "generate" / "results"
     killed = []
 
     def kill_when_first_part_lands():
@@ -131,7 +133,7 @@ def test_an_editing_actor_killed_mid_job_is_replaced_and_the_counts_are_exact(ph
             if results_dir.exists() and any(results_dir.glob("part-*.parquet")):
                 for proc in psutil.process_iter(["cmdline"]):  # Ray titles an actor's process ray::<class>
                     title = " ".join(proc.info["cmdline"] or [])
-                    if title.startswith("ray::") and "CounterfactualStage" in title:
+                    if title.startswith("ray::") and actor in title:
                         os.kill(proc.pid, signal.SIGKILL)
                         killed.append(proc.pid)
                         return
@@ -144,7 +146,7 @@ def test_an_editing_actor_killed_mid_job_is_replaced_and_the_counts_are_exact(ph
     assert killed, "the editing actor was never killed: the test proved nothing"
     assert ray.is_initialized()
     assert (out.planned, out.done + out.failed) == (20, 20) and out.failed == 2  # only the corrupt input
-    _check_exact(root / "actor-kill", 20)
+    _check_exact(root / out_name, 20)
 
 
 def test_a_driver_killed_mid_job_resumes_on_rerun_with_exact_counts(phantom_set):
@@ -218,3 +220,24 @@ def test_end_to_end_on_a_real_s3_server_dicoms_in_parquet_pngs_and_dicoms_out(tm
     assert summary["planned"] == summary["done"] == 8
     again = run_generate(job, decoded_uri=decoded)  # resumes from the parts on S3: nothing redone
     assert again.rows_written == 0 and again.done == 8
+
+
+def test_the_fused_and_the_separate_stage_layouts_write_the_same_rows_and_images(phantom_set):
+    """`edit.stages`: one actor pool doing edit -> measure -> commit (the CPU default) and three pools (the GPU
+    layout) must be the same job: the same keys, the same counterfactual pixels, the same failures."""
+    from cfgen.pipeline.generate import generate
+
+    root, decoded = phantom_set
+    tables = {}
+    for stages in ("fused", "separate"):
+        out = generate(_job(root, f"layout-{stages}", stages=stages), str(root / "sd"), decoded)
+        assert (out.planned, out.done, out.failed) == (20, 18, 2)
+        results, failures = _check_exact(root / f"layout-{stages}", 20)
+        pngs = {p.name: p.read_bytes() for p in (root / f"layout-{stages}" / "generate" / "images").rglob("*.png")}
+        tables[stages] = (results.sort_values("key").reset_index(drop=True), sorted(failures["key"]), pngs)
+    fused, separate = tables["fused"], tables["separate"]
+    assert list(fused[0]["key"]) == list(separate[0]["key"]) and fused[1] == separate[1]
+    assert fused[2].keys() == separate[2].keys() and len(fused[2]) == 18 + 9  # counterfactuals + factual images
+    assert all(fused[2][name] == separate[2][name] for name in fused[2])  # byte for byte
+    for column in ("counterfactual_prompt", "edit_applied", "unet_evaluations"):
+        assert list(fused[0][column]) == list(separate[0][column])

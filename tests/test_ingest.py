@@ -123,3 +123,24 @@ def test_ingest_of_a_folder_mixing_good_and_truncated_files(ray_local, tmp_path)
     assert sorted(errors.index) == sorted(name for name in files if name.startswith("cut"))
     assert (errors["stage"] == "decode").all()
     assert errors["reason"].str.startswith("corrupt_pixel_data: ").all()
+
+
+def test_every_ray_worker_of_a_job_gets_the_job_environment(ray_local):
+    """Set once by `init_ray` for every process of the job: Arrow's system allocator (which hands freed pages
+    back) and a small pool of Parquet footer readers (Ray Data's default of 32 processes per read was most of a
+    small job's start-up)."""
+    import ray
+
+    from cfgen.pipeline.runtime import JOB_ENV
+
+    @ray.remote(num_cpus=0.1)
+    def seen():
+        import os
+
+        import pyarrow as pa
+
+        return {k: os.environ.get(k) for k in JOB_ENV}, pa.default_memory_pool().backend_name
+
+    env, pool = ray.get(seen.remote())
+    assert env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "2" and env["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+    assert pool == "system"

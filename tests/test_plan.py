@@ -175,3 +175,15 @@ def test_parts_on_a_real_s3_server(s3_storage, bucket):
     assert commit.deduplicate(folder, s3_storage) == 1
     assert sorted(commit.read_parts(folder, s3_storage)["key"].to_pylist()) == ["a", "b", "c"]
     assert isinstance(s3_storage, StorageConfig)
+
+
+def test_the_stage_layout_is_fused_without_gpus_and_separate_with_them():
+    from cfgen.config import EditConfig
+    from cfgen.pipeline.generate import fused_stages
+
+    assert fused_stages(EditConfig()) is True
+    assert fused_stages(EditConfig(gpus_per_actor=1)) is False
+    assert fused_stages(EditConfig(gpus_per_actor=1, stages="fused")) is True
+    assert fused_stages(EditConfig(stages="separate")) is False
+    with pytest.raises(ValueError):
+        EditConfig(stages="pipelined")

@@ -1,7 +1,9 @@
 """Counterfactual generation at dataset scale on Ray Data.
 
 decoded rows -> `CounterfactualStage` (actor pool: the model is loaded once per actor, on a GPU where one is asked
-for) -> `MeasureStage` (CPU tasks: true phantom counterfactuals, metrics, PNGs) -> Parquet rows.
+for) -> `MeasureStage` (true phantom counterfactuals, metrics, PNGs) -> `CommitStage` (keyed Parquet parts). With
+GPUs these are three actor pools, so the CPU work stays off the GPU actors; without, `FusedStage` runs all three in
+each editing actor (`edit.stages`).
 
 Rows are keyed by (image_id, edit, seed, model). A rerun skips images whose rows are already written, so a killed
 job resumes where it stopped and a finished one is a no-op.
@@ -463,6 +465,29 @@ class CommitStage:
         return pa.table({"key": batch["key"], "failed": failed})
 
 
+class FusedStage:
+    """Ray Data actor: edits, measures and commits each batch in one process (`edit.stages: fused`).
+
+    Where the editing actors have no GPU, every stage runs on the same CPUs anyway; keeping them in one actor
+    saves each batch's images two trips through the object store and the job two more actor pools to start
+    (each imports torch and loads its models). The stages are the same classes the separate pools run, called in
+    turn, so both layouts write the same rows and files."""
+
+    def __init__(self, editor: dict[str, Any], measure: dict[str, Any], commit: dict[str, Any],
+                 editor_class: type | None = None):
+        self.edit = (editor_class or CounterfactualStage)(**editor)
+        self.measure = MeasureStage(**measure)
+        self.commit = CommitStage(**commit)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.commit(self.measure(self.edit(batch)))
+
+
+def fused_stages(edit: EditConfig) -> bool:
+    """Whether the job runs `FusedStage` (one actor pool) or the editing, measuring and committing pools."""
+    return edit.stages == "fused" or (edit.stages == "auto" and not edit.gpus_per_actor)
+
+
 def _failure_table(rows: list[dict[str, Any]], stage_column: str, reason_column: str,
                    stage: str | None = None) -> pa.Table:
     return pa.Table.from_pylist([
@@ -547,33 +572,34 @@ def generate(
         # lose everything since its start instead of one batch
         ds = ds.repartition(target_num_rows_per_block=edit.batch_size)
         units = unit_table(pending)
-        cf = ds.map_batches(
-            editor or CounterfactualStage,
-            fn_constructor_kwargs={"model_uri": model_uri, "job": job.model_dump(mode="python"),
-                                   "units": ray.put(units), "classifier_uri": classifier_uri,
-                                   "model_version": version},
-            compute=ray.data.ActorPoolStrategy(size=edit.num_actors),
-            batch_size=edit.batch_size,
-            num_cpus=edit.cpus_per_actor,
-            num_gpus=edit.gpus_per_actor or None,
-            batch_format="pyarrow",
-        )
-        measured = cf.map_batches(
-            MeasureStage,
-            fn_constructor_kwargs={
-                "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
-                "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
-                "output": edit.output, "reversibility": job.metrics.reversibility,
-            },
-            compute=ray.data.ActorPoolStrategy(size=1),
-            batch_size=edit.batch_size * max(len(r.config.edits) for r in plan),
-            num_cpus=job.metrics.cpus_per_actor,
-            batch_format="pyarrow",
-        )
-        committed = measured.map_batches(
-            CommitStage, fn_constructor_kwargs={"results_uri": results_uri, "failures_uri": failures_uri,
-                                                "storage": job.storage},
-            compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=0.1, batch_format="pyarrow")
+        editor_kwargs = {"model_uri": model_uri, "job": job.model_dump(mode="python"), "units": ray.put(units),
+                         "classifier_uri": classifier_uri, "model_version": version}
+        measure_kwargs = {
+            "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
+            "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
+            "output": edit.output, "reversibility": job.metrics.reversibility,
+        }
+        commit_kwargs = {"results_uri": results_uri, "failures_uri": failures_uri, "storage": job.storage}
+        editing = {"compute": ray.data.ActorPoolStrategy(size=edit.num_actors), "batch_size": edit.batch_size,
+                   "num_cpus": edit.cpus_per_actor, "num_gpus": edit.gpus_per_actor or None,
+                   "batch_format": "pyarrow"}
+        if fused_stages(edit):
+            committed = ds.map_batches(
+                FusedStage, fn_constructor_kwargs={"editor": editor_kwargs, "measure": measure_kwargs,
+                                                   "commit": commit_kwargs, "editor_class": editor},
+                **editing)
+        else:
+            cf = ds.map_batches(editor or CounterfactualStage, fn_constructor_kwargs=editor_kwargs, **editing)
+            measured = cf.map_batches(
+                MeasureStage, fn_constructor_kwargs=measure_kwargs,
+                compute=ray.data.ActorPoolStrategy(size=1),
+                batch_size=edit.batch_size * max(len(r.config.edits) for r in plan),
+                num_cpus=job.metrics.cpus_per_actor,
+                batch_format="pyarrow",
+            )
+            committed = measured.map_batches(
+                CommitStage, fn_constructor_kwargs=commit_kwargs,
+                compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=0.1, batch_format="pyarrow")
         for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
             failed = int(sum(batch["failed"].to_pylist()))
             progress.update(done=batch.num_rows - failed, failed=failed)

@@ -108,7 +108,9 @@ def decoded_rows(job: JobConfig, decoded_uri: str, splits=None, columns: list[st
 
     fs, path = pyarrow_filesystem(decoded_uri, job.storage)
     read_columns = None if columns is None else sorted(set(columns) | {"status", "split"})
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=read_columns)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    if read_columns is not None:  # projected into the read (Ray Data's `columns=` argument is deprecated)
+        ds = ds.select_columns(read_columns)
     predicate = col("status") == "ok"
     if splits:
         predicate = predicate & col("split").is_in(list(splits))

@@ -16,6 +16,11 @@ JOB_ENV = {
     # a driver streaming 10,000 discovery rows grew by ~300 MB of such pages and kept growing with the rows.
     # The system allocator hands large buffers back (bench/RESULTS.md, discovery at scale).
     "ARROW_DEFAULT_MEMORY_POOL": "system",
+    # Ray Data lists Parquet footers with a pool of 32 actors per read (its default, sized for listings of many
+    # thousands of remote files). cfgen reads its own tables, a few large files each: two actors of 128 concurrent
+    # reads are plenty, and the other 30 processes (~1.8 s of CPU each to start) were the largest part of a small
+    # job's start-up (bench/RESULTS.md, the generation job).
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
 }
 
 
