@@ -233,6 +233,7 @@ def test_the_fused_and_the_separate_stage_layouts_write_the_same_rows_and_images
         out = generate(_job(root, f"layout-{stages}", stages=stages), str(root / "sd"), decoded)
         assert (out.planned, out.done, out.failed) == (20, 18, 2)
         results, failures = _check_exact(root / f"layout-{stages}", 20)
+        assert out.summary["stages"] == stages
         pngs = {p.name: p.read_bytes() for p in (root / f"layout-{stages}" / "generate" / "images").rglob("*.png")}
         tables[stages] = (results.sort_values("key").reset_index(drop=True), sorted(failures["key"]), pngs)
     fused, separate = tables["fused"], tables["separate"]

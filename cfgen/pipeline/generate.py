@@ -614,6 +614,7 @@ def generate(
         "done_before": len(done_before), "failed_before": len(failed_before),
         "written_this_run": len(done_keys - done_before), "duplicates_removed": int(removed),
         "model_uri": model_uri, "model_version": version, "plan": plan_summary(keys),
+        "stages": "fused" if fused_stages(edit) else "separate",
         "seconds": round(progress.elapsed, 3),
         "counterfactuals_per_s": round((len(done_keys - done_before)) / max(progress.elapsed, 1e-9), 4),
         "results_uri": results_uri, "failures_uri": failures_uri,

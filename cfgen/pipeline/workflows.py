@@ -201,7 +201,7 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
     runs.log_metrics(job.tracking, run_id, {k: float(s[k]) for k in (
         "planned", "done", "failed", "written_this_run", "duplicates_removed", "seconds", "counterfactuals_per_s")
         if k in s})
-    runs.log_params(job.tracking, run_id, {"model_version": s.get("model_version", "")})
+    runs.log_params(job.tracking, run_id, {"model_version": s.get("model_version", ""), "stages": s.get("stages", "")})
     runs.end_run(job.tracking, run_id)
     return result
 
