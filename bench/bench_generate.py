@@ -82,7 +82,7 @@ def plain_loop(work: Path, n: int, decoded: str, steps: int, batch: int) -> dict
     import torch
 
     from cfgen.config import JobConfig
-    from cfgen.pipeline.generate import FusedStage
+    from cfgen.pipeline.generate import FusedStage, stage_arguments
     from cfgen.pipeline.plan import batch_units, model_version
 
     torch.set_num_threads(1)
@@ -97,13 +97,8 @@ def plain_loop(work: Path, n: int, decoded: str, steps: int, batch: int) -> dict
     table = table.filter(pc.equal(table["status"], "ok"))
     version = model_version(str(work / "sd"), job)
     units = batch_units(job, table.drop_columns(["image"]).to_pandas(), version)
-    stage = FusedStage(  # edit -> measure -> commit, the classes the Ray job's actors run
-        editor={"model_uri": str(work / "sd"), "job": job.model_dump(mode="python"), "units": units,
-                "model_version": version},
-        measure={"output_uri": str(out / "generate"), "storage": job.storage, "decode": job.data.decode,
-                 "output": job.edit.output},
-        commit={"results_uri": str(out / "generate" / "results"), "failures_uri": str(out / "generate" / "failures"),
-                "storage": job.storage})
+    # edit -> measure -> commit: the classes, in the order and with the arguments, of the Ray job's actors
+    stage = FusedStage(**stage_arguments(job, str(work / "sd"), str(out / "generate"), units, version))
     done = failed = 0
     for start in range(0, table.num_rows, batch):
         committed = stage(table.slice(start, batch))

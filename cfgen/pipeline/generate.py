@@ -483,6 +483,21 @@ class FusedStage:
         return self.commit(self.measure(self.edit(batch)))
 
 
+def stage_arguments(job: JobConfig, model_uri: str, out: str, units, model_version: str,
+                    phantoms: PhantomConfig | None = None, classifier_uri: str | None = None) -> dict[str, dict]:
+    """The constructor arguments of the editing, measuring and committing stages of a job writing into `out`:
+    `FusedStage(**these)`, or each pool its own. `units`: the pending keys (a table, or a Ray reference to one)."""
+    return {
+        "editor": {"model_uri": model_uri, "job": job.model_dump(mode="python"), "units": units,
+                   "classifier_uri": classifier_uri, "model_version": model_version},
+        "measure": {"output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
+                    "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
+                    "output": job.edit.output, "reversibility": job.metrics.reversibility},
+        "commit": {"results_uri": join_uri(out, "results"), "failures_uri": join_uri(out, "failures"),
+                   "storage": job.storage},
+    }
+
+
 def fused_stages(edit: EditConfig) -> bool:
     """Whether the job runs `FusedStage` (one actor pool) or the editing, measuring and committing pools."""
     return edit.stages == "fused" or (edit.stages == "auto" and not edit.gpus_per_actor)
@@ -556,6 +571,7 @@ def generate(
         rows = inputs_bad.to_dict("records")
         commit.write_part(_failure_table(rows, "", "input_error", stage="input"), failures_uri, job.storage)
     pending = keys[(keys["input_status"] == "ok") & ~keys["key"].isin(done_before | failed_before)]
+    fused = fused_stages(edit)
     progress = Progress(planned=len(keys), done=len(done_before), failed=len(failed_before) + len(inputs_bad),
                         every_s=edit.output.progress_every_s)
     progress.line("planned")
@@ -572,33 +588,24 @@ def generate(
         # lose everything since its start instead of one batch
         ds = ds.repartition(target_num_rows_per_block=edit.batch_size)
         units = unit_table(pending)
-        editor_kwargs = {"model_uri": model_uri, "job": job.model_dump(mode="python"), "units": ray.put(units),
-                         "classifier_uri": classifier_uri, "model_version": version}
-        measure_kwargs = {
-            "output_uri": out, "storage": job.storage, "decode": job.data.decode, "phantoms": phantoms,
-            "classifier_uri": classifier_uri if job.metrics.enabled else None, "tracking": job.tracking,
-            "output": edit.output, "reversibility": job.metrics.reversibility,
-        }
-        commit_kwargs = {"results_uri": results_uri, "failures_uri": failures_uri, "storage": job.storage}
+        stages = stage_arguments(job, model_uri, out, ray.put(units), version, phantoms, classifier_uri)
         editing = {"compute": ray.data.ActorPoolStrategy(size=edit.num_actors), "batch_size": edit.batch_size,
                    "num_cpus": edit.cpus_per_actor, "num_gpus": edit.gpus_per_actor or None,
                    "batch_format": "pyarrow"}
-        if fused_stages(edit):
-            committed = ds.map_batches(
-                FusedStage, fn_constructor_kwargs={"editor": editor_kwargs, "measure": measure_kwargs,
-                                                   "commit": commit_kwargs, "editor_class": editor},
-                **editing)
+        if fused:
+            committed = ds.map_batches(FusedStage, fn_constructor_kwargs={**stages, "editor_class": editor},
+                                       **editing)
         else:
-            cf = ds.map_batches(editor or CounterfactualStage, fn_constructor_kwargs=editor_kwargs, **editing)
+            cf = ds.map_batches(editor or CounterfactualStage, fn_constructor_kwargs=stages["editor"], **editing)
             measured = cf.map_batches(
-                MeasureStage, fn_constructor_kwargs=measure_kwargs,
+                MeasureStage, fn_constructor_kwargs=stages["measure"],
                 compute=ray.data.ActorPoolStrategy(size=1),
                 batch_size=edit.batch_size * max(len(r.config.edits) for r in plan),
                 num_cpus=job.metrics.cpus_per_actor,
                 batch_format="pyarrow",
             )
             committed = measured.map_batches(
-                CommitStage, fn_constructor_kwargs=commit_kwargs,
+                CommitStage, fn_constructor_kwargs=stages["commit"],
                 compute=ray.data.ActorPoolStrategy(size=1), batch_size=None, num_cpus=0.1, batch_format="pyarrow")
         for batch in committed.iter_batches(batch_format="pyarrow", batch_size=None):
             failed = int(sum(batch["failed"].to_pylist()))
@@ -614,7 +621,7 @@ def generate(
         "done_before": len(done_before), "failed_before": len(failed_before),
         "written_this_run": len(done_keys - done_before), "duplicates_removed": int(removed),
         "model_uri": model_uri, "model_version": version, "plan": plan_summary(keys),
-        "stages": "fused" if fused_stages(edit) else "separate",
+        "stages": "fused" if fused else "separate",
         "seconds": round(progress.elapsed, 3),
         "counterfactuals_per_s": round((len(done_keys - done_before)) / max(progress.elapsed, 1e-9), 4),
         "results_uri": results_uri, "failures_uri": failures_uri,
