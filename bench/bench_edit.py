@@ -83,7 +83,21 @@ def variants(default_guidance: float) -> list[Variant]:
                            ("ddpm dir3 t0.9", {"method": "ddpm", "edit_guidance": 3.0, "edit_threshold": 0.9}),
                            ("ddpm dir6 t0.9", {"method": "ddpm", "edit_guidance": 6.0, "edit_threshold": 0.9}),
                            ("ddpm dir6 t0.9 skip0", {"method": "ddpm", "edit_guidance": 6.0,
-                                                     "edit_threshold": 0.9, "ddpm_skip": 0.0})]:
+                                                     "edit_threshold": 0.9, "ddpm_skip": 0.0}),
+                           # the same, the composite kept only where the edit's own change is large
+                           ("ddpm cm0.5", {"method": "ddpm", "change_threshold": 0.5}),
+                           ("ddpm dir6 t0.9 skip0 cm0.5", {"method": "ddpm", "edit_guidance": 6.0,
+                                                           "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                                                           "change_threshold": 0.5}),
+                           ("ddpm dir6 t0.9 skip0 cm0.3", {"method": "ddpm", "edit_guidance": 6.0,
+                                                           "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                                                           "change_threshold": 0.3}),
+                           ("ddpm dir3 t0.9 skip0 cm0.5", {"method": "ddpm", "edit_guidance": 3.0,
+                                                           "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                                                           "change_threshold": 0.5})]:
+        if settings.get("change_threshold"):  # the edit's own mask confines the composite: no raw variant
+            out.append(Variant(f"{name} composite", {**settings, "composite": True}, quick=False))
+            continue
         out.append(Variant(f"{name} raw", {**settings, "composite": False}, quick=False))
         out.append(Variant(f"{name} composite", {**settings, "composite": True},
                            quick=name not in (f"null_text g{default_guidance:g}", "ddpm g3", "ddim g3")

@@ -312,6 +312,13 @@ class EditConfig(_Section):
                                   "direction's magnitude below which a latent cell is left unedited (0: none)")
     composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
                                               "own pixels wherever the edit changes nothing")
+    change_threshold: float = Field(
+        0.0, ge=0, lt=1,
+        description="keep the composite's change only where it reaches this fraction of the image's largest "
+                    "(smoothed) change: the edit's own mask, against the diffuse drift of a strong edit; 0: off. "
+                    "Needs composite")
+    change_smoothing: int = Field(2, ge=0, le=16, description="pixels the change is smoothed over before the "
+                                                             "threshold, and the mask grown and feathered by")
     confine: Literal["none", "mask"] = Field("none", description="'mask': edit only inside the row's mask_uri "
                                                                  "(e.g. a lung segmentation), grown by mask_dilation")
     mask_dilation: int = Field(2, ge=0, description="pixels the confining mask is grown by")
@@ -343,6 +350,9 @@ class EditConfig(_Section):
         if (self.edit_guidance != 1.0 or self.edit_threshold != 0.0) and self.method != "ddpm":
             raise ValueError(f"edit_guidance / edit_threshold (directed editing) apply to method 'ddpm', not "
                              f"{self.method!r}")
+        if self.change_threshold and not self.composite:
+            raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: set "
+                             "composite: true")
         return self
 
 

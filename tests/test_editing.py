@@ -7,7 +7,7 @@ import torch
 from cfgen.config import ModelConfig
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_invert, ddim_sample
-from cfgen.editing.engine import counterfactuals, keep_input_outside_change
+from cfgen.editing.engine import change_mask, counterfactuals, keep_input_outside_change
 from cfgen.models.sd import build_tiny_pipeline
 
 
@@ -93,6 +93,53 @@ def test_compositing_keeps_the_input_where_the_edit_changes_nothing():
     assert np.abs(out - image)[outside].max() < 1e-6
     assert np.allclose((out - image)[~outside], np.clip(image + 0.3, 0, 1)[~outside] - image[~outside], atol=1e-6)
     assert np.abs(keep_input_outside_change(image, edited, null, False, None) - image)[outside].mean() > 0.04
+
+
+def test_the_edit_s_own_change_mask_keeps_the_strong_change_and_drops_the_diffuse_drift():
+    image = _images(5, 2).astype(np.float32) / 255 * 0.3 + 0.3  # no clipping at 0 or 1 below
+    null = image + 0.02  # the autoencoder's shift, common to both decodes
+    drift = np.random.default_rng(0).normal(0, 0.01, image.shape).astype(np.float32)
+    edited = null + drift  # a strong edit moves the whole image a little ...
+    edited[0, 20:30, 20:30] += 0.3  # ... and the structure it was asked to move a lot
+    edited[1, 40:44, 5:25] -= 0.2
+    out = keep_input_outside_change(image, edited, null, True, None, change_threshold=0.5, change_smoothing=2)
+    region = np.zeros_like(image, bool)
+    region[0, 20:30, 20:30] = region[1, 40:44, 5:25] = True
+    far = ~np.asarray(change_mask(np.where(region, 1.0, 0.0), 0.01, 4), bool)  # beyond the mask's grown edge
+    assert np.abs(out - image)[far].max() == 0.0  # the drift outside the change is gone
+    assert np.abs((out - image)[0, 22:28, 22:28] - 0.3 - drift[0, 22:28, 22:28]).max() < 1e-5  # the change kept
+    assert np.abs((out - image)[1, 41:43, 8:22] + 0.2 - drift[1, 41:43, 8:22]).max() < 1e-5
+    plain = keep_input_outside_change(image, edited, null, True, None)
+    assert np.abs(plain - image)[far].mean() > 0.005  # without it the drift stays
+    # per image: an image's mask does not depend on its batch neighbours; no change, no mask
+    alone = change_mask((edited - null)[1:], 0.5, 2)
+    assert np.array_equal(change_mask(edited - null, 0.5, 2)[1:], alone)
+    assert change_mask(np.zeros((1, 8, 8), np.float32), 0.5, 2).max() == 0.0
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="change_threshold"):
+            change_mask(edited, bad)
+
+
+def test_change_mask_through_the_engine_and_config_needs_compositing(pipe):
+    from cfgen.config import EditConfig
+
+    with pytest.raises(ValueError, match="composite"):
+        EditConfig(method="ddpm", change_threshold=0.5, composite=False)
+    with pytest.raises(ValueError, match="composite"):
+        counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=3, composite=False,
+                        change_threshold=0.5)
+    same = counterfactuals(pipe, _images(), FACTUAL, [FACTUAL], method="ddpm", num_inference_steps=3,
+                           change_threshold=0.5)  # the factual prompt as the edit: nothing to keep
+    assert np.abs(same.counterfactuals[0] - _images().astype(np.float32) / 255).max() < 1e-5
+    masked = counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=3,
+                             change_threshold=0.5)
+    plain = counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=3)
+    x = _images().astype(np.float32) / 255
+    for k, (m, p) in enumerate(zip(masked.counterfactuals, plain.counterfactuals)):
+        changed = np.abs(m - x) > 1e-4
+        assert 0 < changed.mean() < (np.abs(p - x) > 1e-4).mean()  # kept less of the image than the plain edit
+        expected = keep_input_outside_change(x, plain.raw_counterfactuals[k], plain.null_edits[k], True, None, 0.5, 2)
+        assert np.abs(m - expected).max() < 1e-5  # the same edit, confined to its own change
 
 
 def test_mask_confined_edit_leaves_pixels_outside_the_mask_as_they_were(pipe):

@@ -14,6 +14,14 @@ prompt in place of the edited one), which the engine decodes; it then keeps the 
 - ``mask`` (confinement): the change is applied only inside a region (lungs, a device box, a user's mask): in
   latent space during sampling where the method has a source trajectory to blend with (RadEdit-style: outside the
   mask every step keeps the inversion's latent), and always in pixel space on the composite.
+- ``change_threshold`` (the edit's own mask, DiffEdit's idea moved to pixel space and to after sampling): an edit
+  strong enough to move a small structure (a lead, a fluid level) also shifts the whole image a little, and that
+  diffuse drift outweighs the change itself in the error. The composite's difference |edited - null edit|,
+  smoothed over `change_smoothing` pixels, is compared with its own maximum per image; only where it reaches
+  `change_threshold` of it (grown by `change_smoothing`, with a soft edge) is the change kept. No mask or model is
+  needed, so it works on any edit, including ones no segmentation covers; it cannot keep a change that is weak and
+  everywhere (a diffuse one is better confined by a region mask), and it keeps whatever the edit moves most,
+  wanted or not.
 
 Methods (each its own module and function):
 
@@ -112,6 +120,7 @@ def engine_options(edit: EditConfig) -> dict[str, Any]:
         self_replace=tuple(edit.self_replace), edit_word_weight=edit.edit_word_weight,
         null_text_inner_steps=edit.null_text_inner_steps, null_text_early_stop=edit.null_text_early_stop,
         ddpm_skip=edit.ddpm_skip, edit_guidance=edit.edit_guidance, edit_threshold=edit.edit_threshold,
+        change_threshold=edit.change_threshold, change_smoothing=edit.change_smoothing,
     )
 
 
@@ -127,12 +136,42 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return as_unit_float(np.asarray(images))
 
 
+def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.ndarray:
+    """[B,H,W] soft mask in [0,1] of where a change [B,H,W] is large: |change| box-smoothed over (2 smoothing + 1)
+    pixels, 1 where it reaches `threshold` x its image's maximum, grown by `smoothing` pixels and feathered over as
+    many. Per image, so a batch's other images do not move it; an image with no change at all gets no mask."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"change_threshold is a fraction of the largest change in (0, 1), got {threshold}")
+    if smoothing < 0:
+        raise ValueError(f"change_smoothing must be >= 0 pixels, got {smoothing}")
+    a = torch.from_numpy(np.abs(np.asarray(change, dtype=np.float32))).unsqueeze(1)
+    k = 2 * smoothing + 1
+
+    def box(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(t, k, stride=1, padding=smoothing, count_include_pad=False) \
+            if smoothing else t
+
+    smooth = box(a)
+    peak = smooth.amax(dim=(2, 3), keepdim=True)
+    inside = ((smooth >= threshold * peak) & (peak > 0)).float()
+    if smoothing:
+        inside = torch.nn.functional.max_pool2d(inside, k, stride=1, padding=smoothing)
+    return box(inside).squeeze(1).numpy().astype(np.float32)
+
+
 def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: np.ndarray | None, composite: bool,
-                              mask: np.ndarray | None) -> np.ndarray:
-    """The engine's pixel-space step: the composite input + (edited - null edit) and/or the mask blend (the null
-    edit is needed only to composite)."""
+                              mask: np.ndarray | None, change_threshold: float = 0.0,
+                              change_smoothing: int = 2) -> np.ndarray:
+    """The engine's pixel-space step: the composite input + (edited - null edit), confined to the edit's own
+    change mask (`change_threshold` > 0) and/or to `mask` (the null edit is needed only to composite)."""
     x = _unit(image)
-    out = np.clip(x + (edited - null_edit), 0.0, 1.0) if composite else edited
+    if composite:
+        delta = edited - null_edit
+        if change_threshold > 0:
+            delta = delta * change_mask(delta, change_threshold, change_smoothing)
+        out = np.clip(x + delta, 0.0, 1.0)
+    else:
+        out = edited
     if mask is not None:
         m = np.asarray(mask, dtype=np.float32)
         out = x + m * (out - x)
@@ -214,6 +253,8 @@ def counterfactuals(
     ddpm_skip: float = 0.2,
     edit_guidance: float = 1.0,
     edit_threshold: float = 0.0,
+    change_threshold: float = 0.0,
+    change_smoothing: int = 2,
     select: Select | None = None,
     inversion_cache: InversionCache | None = None,
     null_edit: bool = True,
@@ -236,6 +277,11 @@ def counterfactuals(
                          f"{method!r}")
     if method == "ddpm":
         start_step(ddpm_skip, num_inference_steps)
+    if change_threshold:
+        if not composite:
+            raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: it needs "
+                             "composite=True")
+        change_mask(np.zeros((1, 1, 1), np.float32), change_threshold, change_smoothing)  # bad settings fail early
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     fingerprint = model_fingerprint(pipe)
     inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
@@ -260,7 +306,7 @@ def counterfactuals(
     for e, candidates in enumerate(edited):
         decoded = [decode_latents(pipe, z) for z in candidates]
         kept = [keep_input_outside_change(images, r, None if null_images is None else null_images[s], composite,
-                                          masks) for s, r in enumerate(decoded)]
+                                          masks, change_threshold, change_smoothing) for s, r in enumerate(decoded)]
         winner = _winners(kept, unit, e, sweep, select)
         outputs.append(np.stack(kept)[winner, rows])
         raw.append(np.stack(decoded)[winner, rows])
