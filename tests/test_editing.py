@@ -128,6 +128,8 @@ def test_change_mask_through_the_engine_and_config_needs_compositing(pipe):
     with pytest.raises(ValueError, match="composite"):
         counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=3, composite=False,
                         change_threshold=0.5)
+    with pytest.raises(ValueError, match="change_threshold"):  # before any UNet work
+        counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=3, change_threshold=1.5)
     same = counterfactuals(pipe, _images(), FACTUAL, [FACTUAL], method="ddpm", num_inference_steps=3,
                            change_threshold=0.5)  # the factual prompt as the edit: nothing to keep
     assert np.abs(same.counterfactuals[0] - _images().astype(np.float32) / 255).max() < 1e-5

@@ -136,14 +136,19 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return as_unit_float(np.asarray(images))
 
 
-def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.ndarray:
-    """[B,H,W] soft mask in [0,1] of where a change [B,H,W] is large: |change| box-smoothed over (2 smoothing + 1)
-    pixels, 1 where it reaches `threshold` x its image's maximum, grown by `smoothing` pixels and feathered over as
-    many. Per image, so a batch's other images do not move it; an image with no change at all gets no mask."""
+def check_change_settings(threshold: float, smoothing: int) -> None:
+    """The change mask's settings, checked before any work (and by `change_mask` itself)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"change_threshold is a fraction of the largest change in (0, 1), got {threshold}")
     if smoothing < 0:
         raise ValueError(f"change_smoothing must be >= 0 pixels, got {smoothing}")
+
+
+def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.ndarray:
+    """[B,H,W] soft mask in [0,1] of where a change [B,H,W] is large: |change| box-smoothed over (2 smoothing + 1)
+    pixels, 1 where it reaches `threshold` x its image's maximum, grown by `smoothing` pixels and feathered over as
+    many. Per image, so a batch's other images do not move it; an image with no change at all gets no mask."""
+    check_change_settings(threshold, smoothing)
     a = torch.from_numpy(np.abs(np.asarray(change, dtype=np.float32))).unsqueeze(1)
     k = 2 * smoothing + 1
 
@@ -281,7 +286,7 @@ def counterfactuals(
         if not composite:
             raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: it needs "
                              "composite=True")
-        change_mask(np.zeros((1, 1, 1), np.float32), change_threshold, change_smoothing)  # bad settings fail early
+        check_change_settings(change_threshold, change_smoothing)
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     fingerprint = model_fingerprint(pipe)
     inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
