@@ -1,12 +1,13 @@
 """The tiny VAE's fit: cached by its inputs in object storage, reused instead of refitted; fidelity per structure."""
 
 import numpy as np
+import pytest
 import torch
 
 from cfgen.config import DecodeConfig, ModelConfig, PhantomConfig, VAEPretrainConfig
 from cfgen.metrics.image import reconstruction_fidelity
 from cfgen.models.sd import build_tiny_pipeline
-from cfgen.train.vae import FIT_RECORD, cached_fit, fit_key, reconstruct
+from cfgen.train.vae import FIT_RECORD, cached_fit, fit_key, fit_vae, random_crops, reconstruct
 
 
 def _images(seed=0, n=16):
@@ -70,3 +71,19 @@ def test_reconstruct_returns_unit_images():
     pipe = build_tiny_pipeline(ModelConfig())
     out = reconstruct(pipe.vae, _images(n=3))
     assert out.shape == (3, 64, 64) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_random_crops_are_aligned_pieces_of_each_image_and_whole_images_pass_through():
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    crops = random_crops(x, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 8, 8)
+    for img, crop in zip(x, crops):
+        r, c = divmod(int(crop[0, 0, 0] - img[0, 0, 0]), 16)  # where the crop's corner was in its image
+        assert r % 4 == 0 and c % 4 == 0 and torch.equal(crop, img[:, r:r + 8, c:c + 8])
+    assert random_crops(x, 16, torch.Generator()) is x
+    with pytest.raises(ValueError, match="multiple of 4"):
+        random_crops(x, 6, torch.Generator())
+    # the fit runs on crops and still reconstructs whole images (a convolutional VAE)
+    vae = build_tiny_pipeline(ModelConfig()).vae
+    losses = fit_vae(vae, _images(n=8), VAEPretrainConfig(steps=2, batch_size=4, crop=32))
+    assert len(losses) == 2 and reconstruct(vae, _images(n=2)).shape == (2, 64, 64)
