@@ -50,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 EDITS = [{"support_devices": 0}, {"pleural_effusion": 1}, {"smoking": 1}, {"cardiomegaly": 1}]
+#: the attributes the `hold` variants keep (each edit holds the three it does not set)
+HOLD = [attribute for edit in EDITS for attribute in edit]
 #: UNet evaluations (forward + backward) per counterfactual the target variant may spend
 MAX_EVALUATIONS = 150
 #: (figure, row key, direction, threshold), every edit of the best variant
@@ -94,7 +96,14 @@ def variants(default_guidance: float) -> list[Variant]:
                                                            "change_threshold": 0.3}),
                            ("ddpm dir3 t0.9 skip0 cm0.5", {"method": "ddpm", "edit_guidance": 3.0,
                                                            "edit_threshold": 0.9, "ddpm_skip": 0.0,
-                                                           "change_threshold": 0.5})]:
+                                                           "change_threshold": 0.5}),
+                           # every other attribute held (its direction removed from the edit's), and/or the
+                           # change mask filled with the decoded edit itself instead of the composite
+                           *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{' hold' * hold}{' edited' * edited}",
+                              {"method": "ddpm", "edit_guidance": g, "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                               "change_threshold": 0.5, "hold": HOLD if hold else [],
+                               "change_fill": "edited" if edited else "composite"})
+                             for g in (3.0, 6.0) for hold, edited in ((True, False), (False, True), (True, True))]]:
         if settings.get("change_threshold"):  # the edit's own mask confines the composite: no raw variant
             out.append(Variant(f"{name} composite", {**settings, "composite": True}, quick=False))
             continue
@@ -119,6 +128,7 @@ class PhantomSet:
     truths: list[np.ndarray]  # per edit: float [N,H,W]
     states: list[np.ndarray]  # per edit: the edited attribute's true factual value per image
     before: dict[str, np.ndarray]  # the classifier on the inputs
+    prompt: Any  # the PromptConfig the prompts were built with
 
 
 def load_test_rows(decoded_uri: str, n: int):
@@ -161,7 +171,7 @@ def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
                       factual_prompts=[r["prompt"] for r in rows],
                       cf_prompts=[[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS],
                       seeds=[edit_seed(r["image_id"], job.edit.seed) for r in rows], truths=truths, states=states,
-                      before=classifier.predict(images))
+                      before=classifier.predict(images), prompt=job.data.prompt)
 
 
 def edit_all(pipe, data: PhantomSet, edit_cfg, select, batch: int, n: int | None = None) -> dict[str, Any]:
@@ -169,6 +179,7 @@ def edit_all(pipe, data: PhantomSet, edit_cfg, select, batch: int, n: int | None
     a fresh inversion cache, so a variant never reuses another's work."""
     from cfgen.editing.engine import counterfactuals, engine_options
     from cfgen.editing.inversion_cache import InversionCache
+    from cfgen.pipeline.generate import edit_hold_prompts
 
     n = len(data.rows) if n is None else n
     options = engine_options(edit_cfg)
@@ -180,6 +191,7 @@ def edit_all(pipe, data: PhantomSet, edit_cfg, select, batch: int, n: int | None
         sl = slice(s, min(n, s + batch))
         res = counterfactuals(pipe, data.images[sl], data.factual_prompts[sl], [p[sl] for p in data.cf_prompts],
                               masks=data.masks[sl] if edit_cfg.confine == "mask" else None, seeds=data.seeds[sl],
+                              hold_prompts=edit_hold_prompts(data.rows[sl], EDITS, edit_cfg, data.prompt),
                               select=select, inversion_cache=cache, **options)
         for k in range(len(EDITS)):
             outs[k].append(res.counterfactuals[k])

@@ -183,6 +183,9 @@ class VAEPretrainConfig(_Section):
                                            "sharper than MSE alone, which averages them away")
     deterministic: bool = Field(True, description="decode the posterior mean while fitting (the engine encodes "
                                 "with the mean too); sampling adds noise the decoder must first learn to ignore")
+    crop: int | None = Field(None, ge=8, description="fit on random square crops of this many pixels (a multiple of "
+                             "4): the VAE is convolutional, so a step on crops of half the side costs about a "
+                             "quarter and the same CPU time buys more steps; None: whole images")
     images: int = Field(2048, ge=8, description="training images the fit draws from")
     heldout: int = Field(128, ge=0, description="validate-split images its fidelity is reported on")
     cache_uri: str | None = Field(None, description="where fitted VAEs are kept (local dir or s3://); default: "
@@ -319,6 +322,16 @@ class EditConfig(_Section):
                     "Needs composite")
     change_smoothing: int = Field(2, ge=0, le=16, description="pixels the change is smoothed over before the "
                                                              "threshold, and the mask grown and feathered by")
+    change_fill: Literal["composite", "edited"] = Field(
+        "composite",
+        description="inside the change mask: 'composite' (input + edited - null edit, the input's grain kept) or "
+                    "'edited' (the decoded edit itself, for removals of what the autoencoder cannot hold). Needs "
+                    "change_threshold")
+    hold: list[str] = Field(
+        [], description="ddpm: binary attributes every edit must keep as they are (e.g. [support_devices] where the "
+                        "data confound devices with effusion): their direction is removed from the edit's at "
+                        "every step, one more UNet row per attribute and step; an edit's own attributes are not "
+                        "held")
     confine: Literal["none", "mask"] = Field("none", description="'mask': edit only inside the row's mask_uri "
                                                                  "(e.g. a lung segmentation), grown by mask_dilation")
     mask_dilation: int = Field(2, ge=0, description="pixels the confining mask is grown by")
@@ -353,6 +366,11 @@ class EditConfig(_Section):
         if self.change_threshold and not self.composite:
             raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: set "
                              "composite: true")
+        if self.change_fill != "composite" and not self.change_threshold:
+            raise ValueError(f"change_fill {self.change_fill!r} says what fills the edit's own change mask: set "
+                             "change_threshold too")
+        if self.hold and self.method != "ddpm":
+            raise ValueError(f"hold (attributes an edit keeps) applies to method 'ddpm', not {self.method!r}")
         return self
 
 

@@ -196,3 +196,24 @@ def test_unknown_method_and_bad_strength_are_clear_errors(pipe):
         counterfactuals(pipe, _images(), FACTUAL, EDITS, method="magic")
     with pytest.raises(ValueError, match="strength"):
         counterfactuals(pipe, _images(), FACTUAL, EDITS, method="sdedit", strength=0.0)
+
+
+def test_change_fill_edited_puts_the_edit_itself_inside_the_change_and_the_input_outside(pipe):
+    from cfgen.config import EditConfig
+
+    image = _images(6, 1).astype(np.float32) / 255 * 0.3 + 0.3
+    null = image * 0.5 + 0.2  # a null edit that kept only a blur of the input
+    edited = null.copy()
+    edited[0, 20:30, 20:30] -= 0.25  # the edit removes a structure there
+    inside = change_mask(edited - null, 0.5, 2) > 0.999
+    out = keep_input_outside_change(image, edited, null, True, None, 0.5, 2, change_fill="edited")
+    composite = keep_input_outside_change(image, edited, null, True, None, 0.5, 2)
+    assert inside.any() and np.abs(out - edited)[inside].max() < 1e-6  # the edit itself, not input + difference
+    assert np.abs(composite - (image + edited - null))[inside].max() < 1e-6
+    outside = change_mask(edited - null, 0.5, 2) == 0
+    assert np.array_equal(out[outside], image[outside]) and np.array_equal(composite[outside], image[outside])
+    with pytest.raises(ValueError, match="change_fill"):
+        EditConfig(method="ddpm", change_fill="edited")  # no change mask to fill
+    with pytest.raises(ValueError, match="change_fill"):  # before any UNet work
+        counterfactuals(pipe, _images(), FACTUAL, EDITS, method="ddpm", num_inference_steps=2, change_threshold=0.5,
+                        change_fill="blend")

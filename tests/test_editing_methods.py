@@ -460,3 +460,72 @@ def test_batch_inversions_compute_only_the_missing_images_once():
     assert computed == [[0, 1]] and [float(o["x"]) for o in out] == [0.0, 1.0, 0.0]
     batch.per_image("ddim", ["p", "q", "p"], {"steps": 3}, compute)  # another prompt is another inversion
     assert computed[-1] == [1] and len(cache) == 2  # the LRU bound holds
+
+
+def test_removing_a_held_direction_takes_out_its_component_where_it_acts_and_nothing_elsewhere():
+    from cfgen.editing.ddpm_inversion import remove_held_direction
+
+    g = torch.Generator().manual_seed(0)
+    gamma = torch.zeros(2, 4, 8, 8)
+    gamma[:, :, 2:4, 2:4] = torch.randn(2, 4, 2, 2, generator=g) * 5  # the held attribute acts in 4 cells
+    other = torch.randn(2, 4, 8, 8, generator=g)
+    other -= (other * gamma).sum(1, keepdim=True) / (gamma * gamma).sum(1, keepdim=True).clamp_min(1e-20) * gamma
+    delta = other + 0.7 * gamma  # the edit: its own direction plus some of the held attribute's
+    kept = remove_held_direction(delta, gamma)
+    power = (gamma * gamma).sum(1)
+    along = (kept * gamma).sum(1) / power.clamp_min(1e-20)
+    # where gamma acts, 0.7 of it is taken out with the weight power / (power + the image's mean power): the
+    # strongest of the 4 cells keeps a few percent, and none keeps more than a quarter
+    mean = power.mean(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(along[:, 2:4, 2:4], (0.7 * mean / (power + mean))[:, 2:4, 2:4])
+    assert along[:, 2:4, 2:4].max() < 0.25 * 0.7 and along[:, 2:4, 2:4].min() < 0.05 * 0.7
+    torch.testing.assert_close(kept[:, :, 4:, :], delta[:, :, 4:, :])  # nothing held there: untouched
+    torch.testing.assert_close(remove_held_direction(other, gamma), other)  # an edit that does not move it: kept
+    torch.testing.assert_close(remove_held_direction(delta, torch.zeros_like(gamma)), delta)
+
+
+HOLD = [["a chest x-ray of a 63 year old female patient, smoker",  # devices removed
+         "a chest x-ray of a 40 year old male patient, with pleural effusion, with support devices"]]
+
+
+def test_held_ddpm_edit_reconstructs_with_the_factual_prompt_and_counts_one_row_per_held_image(pipe):
+    images = _images(8)
+    kwargs = dict(method="ddpm", guidance_scale=1.0, ddpm_skip=0.0, null_edit=False)
+    # edit 0 is the factual prompt (nothing to hold: its direction is zero), edit 1 a real one; in edit 1 image 1's
+    # held prompt is its factual one, which holds nothing and costs no row
+    holds = [HOLD, [[HOLD[0][0], FACTUAL[1]]]]
+    out = _edit(pipe, images, edits=[FACTUAL, EDITS[0]], hold_prompts=holds, **kwargs)
+    np.testing.assert_allclose(out.counterfactuals[0], images / 255.0, atol=2e-3)  # composited factual edit
+    # inversion 2 rows a step; sampling: 2 edits x 2 images x (source + edited) + held rows (2 + 1), 3 steps
+    assert out.unet_forward == (3 * 2 + 3 * (2 * 2 * 2 + 3)) / 4
+    plain = _edit(pipe, images, edits=[EDITS[0]], **kwargs)
+    nothing_held = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[[FACTUAL]], **kwargs)
+    np.testing.assert_allclose(nothing_held.raw_counterfactuals[0], plain.raw_counterfactuals[0], atol=1e-5)
+    assert nothing_held.unet_forward == plain.unet_forward
+    # holding the edit's own attribute takes much of the edit away (all of it where it is strongest)
+    own = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[[EDITS[0]]], **kwargs)
+    x = plain.autoencoded
+    assert np.abs(own.raw_counterfactuals[0] - x).mean() < 0.8 * np.abs(plain.raw_counterfactuals[0] - x).mean()
+
+
+def test_holding_attributes_is_for_ddpm_and_held_attributes_must_be_binary_ones_the_template_says(pipe):
+    from cfgen.config import PromptConfig
+    from cfgen.pipeline.generate import edit_hold_prompts
+    from cfgen.pipeline.plan import rules
+
+    with pytest.raises(ValueError, match="hold"):
+        _edit(pipe, method="ddim", hold_prompts=HOLD)
+    with pytest.raises(ValueError, match="hold_prompts has 2 edits"):
+        _edit(pipe, method="ddpm", hold_prompts=HOLD * 2)
+    with pytest.raises(ValueError, match="hold"):
+        EditConfig(method="sdedit", hold=["support_devices"])
+    with pytest.raises(ValueError, match="only binary attributes"):
+        rules(EditConfig(method="ddpm", hold=["age"]), PromptConfig())
+    config = EditConfig(method="ddpm", hold=["support_devices", "smoking"])
+    rows = [{"support_devices": 1, "smoking": 0}, {"support_devices": 0, "smoking": 1}]
+    held = edit_hold_prompts(rows, [{"smoking": 1}, {"cardiomegaly": 1}], config, PromptConfig(negatives="omit"))
+    # [edit][held attribute][row]: smoking's edit holds devices only; cardiomegaly's holds both
+    assert [len(e) for e in held] == [1, 2] and all(len(c) == 2 for e in held for c in e)
+    assert held[0][0] == ["a chest x-ray of a patient, non-smoker",
+                          "a chest x-ray of a patient, smoker, with support devices"]
+    assert edit_hold_prompts(rows, [{"smoking": 1}], EditConfig(method="ddpm"), PromptConfig()) is None

@@ -139,3 +139,19 @@ def test_unknown_template_version_is_refused():
 def test_invalid_label_value_is_refused():
     with pytest.raises(ValueError):
         build_prompt({"cardiomegaly": 0.5}, PromptConfig())
+
+
+def test_hold_prompts_change_each_held_attribute_the_edit_leaves_alone_in_the_factual_prompt():
+    from cfgen.io.prompts import hold_prompts
+
+    cfg = PromptConfig(negatives="omit")
+    row = dict(ROW, cardiomegaly=None)  # missing: held against being added
+    held = hold_prompts(row, {"pleural_effusion": 1}, ["support_devices", "pleural_effusion", "cardiomegaly"], cfg)
+    # the edit's own attribute is not held; devices 1 -> 0, cardiomegaly missing -> 1; the rest is the factual row
+    assert held == ["a chest x-ray of a 63 year old female patient, smoker",
+                    "a chest x-ray of a 63 year old female patient, smoker, with support devices, with cardiomegaly"]
+    assert hold_prompts(row, {"smoking": 0}, [], cfg) == []
+    with pytest.raises(ValueError, match="only binary attributes"):
+        hold_prompts(row, {"smoking": 0}, ["age"], cfg)
+    with pytest.raises(ValueError, match="only binary attributes"):  # not in the template: nothing to change
+        hold_prompts(row, {"smoking": 0}, ["edema"], cfg)

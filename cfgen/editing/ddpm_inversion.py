@@ -21,6 +21,17 @@ prompt. Instead every step predicts eps(x, factual) + scale * M * (eps(x, edited
 own direction, amplified, and applied only where it is large (M: the cells whose smoothed direction magnitude is
 in the top `1 - threshold` of the image, an implicit mask). With the factual prompt the direction is zero, so
 reconstruction stays exact; scale 1 and threshold 0 is the plain edit.
+
+Held attributes (`Hold`): a model trained on data where two findings co-occur (effusion with support devices)
+learns to draw both for either word, so its edit direction for one carries the other (bench/RESULTS.md measured
+do(effusion) adding the device). An intervention must keep every other attribute as it is, so for each attribute
+the edit holds, the same UNet call also evaluates the factual prompt with that attribute changed; the difference
+gamma = eps(x, factual with B changed) - eps(x, factual) is the direction "B changes" at this x, and its component
+is removed from the edit's direction in every latent cell (over channels), weighted by where B acts: by
+|gamma|^2 / (|gamma|^2 + mean |gamma|^2) of the image, so cells where B has no direction lose nothing. The idea is
+the negative concept of SEGA/LEDITS++, applied as a projection so that an edit that does not move B is left
+alone. With the factual prompt the edit's direction is zero and stays zero: reconstruction is still exact. It costs
+one UNet row per held attribute per step.
 """
 
 from __future__ import annotations
@@ -67,18 +78,41 @@ def implicit_mask(direction: torch.Tensor, threshold: float) -> torch.Tensor:
     return (magnitude >= cut).to(direction.dtype)
 
 
+@dataclass(frozen=True)
+class Hold:
+    """One held attribute for some rows of a batch: `rows` (indices into the batch) and `embeddings` [len(rows), L,
+    D] of their factual prompts with that attribute changed (module docstring). Rows are unique within a Hold."""
+
+    rows: torch.Tensor
+    embeddings: torch.Tensor
+
+
+def remove_held_direction(delta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """`delta` [B,C,h,w] without its component along `gamma` (per latent cell, over channels), weighted by where
+    gamma acts: |gamma|^2 / (|gamma|^2 + the image's mean |gamma|^2)."""
+    power = (gamma * gamma).sum(1, keepdim=True)
+    along = (delta * gamma).sum(1, keepdim=True) / power.clamp_min(1e-20)
+    weight = power / (power + power.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-20)
+    return delta - weight * along * gamma
+
+
 def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, source: torch.Tensor,
                               uncond: torch.Tensor | None, guidance_scale: float,
-                              direction: EditDirection) -> torch.Tensor:
-    """eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * (eps(x, cond) - eps(x, source)),
-    in one UNet call on [uncond; source; cond] rows."""
+                              direction: EditDirection, holds: list[Hold] = ()) -> torch.Tensor:
+    """eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * delta, delta = eps(x, cond) -
+    eps(x, source) without the directions of the `holds`, in one UNet call on [uncond; source; cond; held] rows."""
     guided = uncond is not None and guidance_scale != 1.0
     contexts = [uncond, source, cond] if guided else [source, cond]
-    out = unet(torch.cat([x.to(unet.dtype)] * len(contexts)), t,
-               encoder_hidden_states=torch.cat(contexts)).sample.float().chunk(len(contexts))
+    inputs = [x] * len(contexts) + [x[h.rows] for h in holds]
+    out = unet(torch.cat(inputs).to(unet.dtype), t,
+               encoder_hidden_states=torch.cat(contexts + [h.embeddings for h in holds])).sample.float()
+    out, held = out[:len(contexts) * len(x)].chunk(len(contexts)), out[len(contexts) * len(x):]
     eps_source, eps_cond = out[-2], out[-1]
     base = out[0] + guidance_scale * (eps_source - out[0]) if guided else eps_source
     delta = eps_cond - eps_source
+    for hold, eps_held in zip(holds, held.split([len(h.rows) for h in holds])):
+        delta = delta.index_copy(0, hold.rows, remove_held_direction(delta[hold.rows],
+                                                                     eps_held - eps_source[hold.rows]))
     return base + direction.scale * implicit_mask(delta, direction.threshold) * delta
 
 
@@ -138,20 +172,22 @@ def ddpm_invert(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, noise: to
 def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, cond: torch.Tensor,
                 num_inference_steps: int, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                 skip: float = 0.0, latent_mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
-                direction: EditDirection | None = None) -> torch.Tensor:
+                direction: EditDirection | None = None, holds: list[Hold] = ()) -> torch.Tensor:
     """The DDPM sampler driven by the inversion's noise `maps` from the trajectory's level at `skip`; with the
     factual prompt it retraces `trajectory`. With `latent_mask` [B,1,h,w], the trajectory is kept outside it.
-    With `direction` (not plain) and the factual embeddings `source`, every step is a directed edit."""
+    With `direction` (not plain) or `holds`, and the factual embeddings `source`, every step is a directed edit."""
     schedule = _schedule(scheduler, num_inference_steps, trajectory.device)
     start = start_step(skip, num_inference_steps)
-    directed = direction is not None and not direction.plain
+    direction = direction or EditDirection()
+    directed = not direction.plain or bool(holds)
     if directed and source is None:
-        raise ValueError("a directed DDPM edit needs the factual prompt's embeddings (source)")
+        raise ValueError("a directed DDPM edit (or one that holds attributes) needs the factual prompt's "
+                         "embeddings (source)")
     x = trajectory[num_inference_steps - start]
     for k in range(start, num_inference_steps):
         t = schedule.timesteps[k]
-        eps = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction) if directed \
-            else _eps(unet, x, t, cond, uncond, guidance_scale)
+        eps = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction, holds) \
+            if directed else _eps(unet, x, t, cond, uncond, guidance_scale)
         mean, sigma = ddpm_posterior(schedule, eps, int(t), x)
         x = mean + sigma * maps[k]
         if latent_mask is not None:
@@ -162,10 +198,11 @@ def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, c
 def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfactual_prompts: list[list[str]],
               num_inference_steps: int, guidance_scale: float, skip: float, seeds: list[int],
               inversions: BatchInversions, latent_mask: torch.Tensor | None = None,
-              direction: EditDirection | None = None):
+              direction: EditDirection | None = None, hold_prompts: list[list[list[str]]] | None = None):
     """The `ddpm` method: (edited latents per prompt list, null edit = the encoded latents). Every edit runs in
     one batch with the same noise maps; the noise of each image comes from its own seed. `direction`: directed
-    editing (module docstring)."""
+    editing; `hold_prompts` [edit][held attribute][image]: the factual prompts with each held attribute changed
+    (module docstring), a prompt equal to the image's factual one holding nothing."""
     n, steps = len(latents), num_inference_steps
     uncond = encode_prompts(pipe, [""] * n) if guidance_scale != 1.0 else None
 
@@ -186,5 +223,21 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
                          inverted["noise_maps"].repeat(1, k, 1, 1, 1), cond, steps,
                          None if uncond is None else uncond.repeat(k, 1, 1), guidance_scale, skip,
                          None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1),
-                         encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction)
+                         encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction,
+                         held_rows(pipe, factual_prompts, hold_prompts or [], latents.device))
     return [z.to(latents.dtype) for z in edited.split(n)], inverted["trajectory"][0].to(latents.dtype)
+
+
+def held_rows(pipe, factual_prompts: list[str], hold_prompts: list[list[list[str]]], device) -> list[Hold]:
+    """One `Hold` per (edit, held attribute) over the batch of every edit's rows (edit e's image i is row
+    e * n + i); an image whose held prompt is its factual one is left out (nothing to hold, no UNet row)."""
+    n, holds = len(factual_prompts), []
+    for e, per_edit in enumerate(hold_prompts):
+        for prompts in per_edit:
+            if len(prompts) != n:
+                raise ValueError(f"hold_prompts: {len(prompts)} prompts for a batch of {n} images")
+            rows = [i for i in range(n) if prompts[i] != factual_prompts[i]]
+            if rows:
+                holds.append(Hold(torch.tensor([e * n + i for i in rows], device=device),
+                                  encode_prompts(pipe, [prompts[i] for i in rows])))
+    return holds

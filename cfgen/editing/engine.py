@@ -21,7 +21,12 @@ prompt in place of the edited one), which the engine decodes; it then keeps the 
   `change_threshold` of it (grown by `change_smoothing`, with a soft edge) is the change kept. No mask or model is
   needed, so it works on any edit, including ones no segmentation covers; it cannot keep a change that is weak and
   everywhere (a diffuse one is better confined by a region mask), and it keeps whatever the edit moves most,
-  wanted or not.
+  wanted or not. `change_fill` says what fills the mask: ``composite`` (input + edited - null edit, the input's
+  grain kept) or ``edited`` (the decoded edit itself). A removal needs the second where the autoencoder could not
+  hold the structure removed (a device lead: its null edit keeps only a blur of it, so the composite subtracts the
+  blur and leaves the rest of the lead standing); an addition keeps the grain better with the first.
+- ``hold_prompts`` (ddpm): attributes the edit must keep (`ddpm_inversion.Hold`): a model that learned two
+  findings together edits both; the direction of each held attribute is removed from the edit's at every step.
 
 Methods (each its own module and function):
 
@@ -113,7 +118,7 @@ class EngineResult:
 
 def engine_options(edit: EditConfig) -> dict[str, Any]:
     """`counterfactuals`' settings from the config, by name; what varies per call (the images' masks and seeds,
-    `select`, the cache) is the caller's."""
+    `select`, the cache, the held attributes' prompts) is the caller's."""
     return dict(
         method=edit.method, num_inference_steps=edit.num_inference_steps, guidance_scale=edit.guidance_scale,
         strength=edit.strength, composite=edit.composite, cross_replace=edit.cross_replace,
@@ -121,6 +126,7 @@ def engine_options(edit: EditConfig) -> dict[str, Any]:
         null_text_inner_steps=edit.null_text_inner_steps, null_text_early_stop=edit.null_text_early_stop,
         ddpm_skip=edit.ddpm_skip, edit_guidance=edit.edit_guidance, edit_threshold=edit.edit_threshold,
         change_threshold=edit.change_threshold, change_smoothing=edit.change_smoothing,
+        change_fill=edit.change_fill,
     )
 
 
@@ -136,12 +142,17 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return as_unit_float(np.asarray(images))
 
 
-def check_change_settings(threshold: float, smoothing: int) -> None:
+CHANGE_FILLS = ("composite", "edited")
+
+
+def check_change_settings(threshold: float, smoothing: int, fill: str = "composite") -> None:
     """The change mask's settings, checked before any work (and by `change_mask` itself)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"change_threshold is a fraction of the largest change in (0, 1), got {threshold}")
     if smoothing < 0:
         raise ValueError(f"change_smoothing must be >= 0 pixels, got {smoothing}")
+    if fill not in CHANGE_FILLS:
+        raise ValueError(f"change_fill is one of {CHANGE_FILLS}, got {fill!r}")
 
 
 def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.ndarray:
@@ -166,14 +177,16 @@ def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.
 
 def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: np.ndarray | None, composite: bool,
                               mask: np.ndarray | None, change_threshold: float = 0.0,
-                              change_smoothing: int = 2) -> np.ndarray:
+                              change_smoothing: int = 2, change_fill: str = "composite") -> np.ndarray:
     """The engine's pixel-space step: the composite input + (edited - null edit), confined to the edit's own
-    change mask (`change_threshold` > 0) and/or to `mask` (the null edit is needed only to composite)."""
+    change mask (`change_threshold` > 0; inside it the composite or, with `change_fill` "edited", the edit
+    itself) and/or to `mask` (the null edit is needed only to composite)."""
     x = _unit(image)
     if composite:
         delta = edited - null_edit
         if change_threshold > 0:
-            delta = delta * change_mask(delta, change_threshold, change_smoothing)
+            inside = change_mask(delta, change_threshold, change_smoothing)
+            delta = inside * (edited - x if change_fill == "edited" else delta)
         out = np.clip(x + delta, 0.0, 1.0)
     else:
         out = edited
@@ -187,7 +200,7 @@ def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: lis
                   counterfactual_prompts: list[list[str]], steps: int, guidance_scale: float, strength: float,
                   seeds: list[int], latent_mask: torch.Tensor | None, p2p: PromptToPromptSettings,
                   inner_steps: int, early_stop: float, ddpm_skip: float, inversions: BatchInversions,
-                  null_edit: bool, direction: EditDirection):
+                  null_edit: bool, direction: EditDirection, hold_prompts: list[list[list[str]]] | None):
     """(edited latents [edit][sweep setting], null-edit latents [sweep setting] or None without `null_edit`, the
     sweep's settings) of one method."""
     common = (pipe, latents, factual_prompts, counterfactual_prompts, steps, guidance_scale)
@@ -199,7 +212,7 @@ def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: lis
             null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask)
         return edited, [source] * len(p2p.sweep) if null_edit else None, p2p.sweep
     if method == "ddpm":
-        edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask, direction)
+        edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask, direction, hold_prompts)
     elif method == "sdedit":
         edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, steps, strength,
                               guidance_scale, seeds, null_edit)
@@ -260,6 +273,8 @@ def counterfactuals(
     edit_threshold: float = 0.0,
     change_threshold: float = 0.0,
     change_smoothing: int = 2,
+    change_fill: str = "composite",
+    hold_prompts: list[list[list[str]]] | None = None,
     select: Select | None = None,
     inversion_cache: InversionCache | None = None,
     null_edit: bool = True,
@@ -268,9 +283,11 @@ def counterfactuals(
 
     `masks` [B,H,W] (values in [0,1]) confine every edit to a region; `seeds` (one per image) seed the noise of
     stochastic methods, so an image's counterfactual does not depend on the batch it was edited in. The
-    keyword-only settings are `EditConfig`'s fields of the same names; `select` scores the sweep's candidates (see
-    `Select`); `inversion_cache` defaults to the process's shared cache. `null_edit=False`: no null edit unless
-    compositing needs one (the result's `null_edit` is then None)."""
+    keyword-only settings are `EditConfig`'s fields of the same names; `hold_prompts` [edit][held attribute]
+    [image] (ddpm; `cfgen.io.prompts.hold_prompts` per row) the factual prompts with each attribute the edit must
+    keep changed; `select` scores the sweep's candidates (see `Select`); `inversion_cache` defaults to the
+    process's shared cache. `null_edit=False`: no null edit unless compositing needs one (the result's `null_edit`
+    is then None)."""
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; one of {METHODS}")
     if null_text_inner_steps < 0:
@@ -286,7 +303,13 @@ def counterfactuals(
         if not composite:
             raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: it needs "
                              "composite=True")
-        check_change_settings(change_threshold, change_smoothing)
+        check_change_settings(change_threshold, change_smoothing, change_fill)
+    if hold_prompts is not None and any(hold_prompts):
+        if method != "ddpm":
+            raise ValueError(f"holding attributes (hold) applies to method 'ddpm', not {method!r}")
+        if len(hold_prompts) != len(counterfactual_prompts):
+            raise ValueError(f"hold_prompts has {len(hold_prompts)} edits, counterfactual_prompts "
+                             f"{len(counterfactual_prompts)}")
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     fingerprint = model_fingerprint(pipe)
     inversions = BatchInversions(inversion_cache if inversion_cache is not None else shared_cache(),
@@ -300,7 +323,7 @@ def counterfactuals(
         edited, nulls, sweep = _edit_latents(method, pipe, latents, factual_prompts, counterfactual_prompts,
                                              num_inference_steps, guidance_scale, strength, seeds, latent_mask, p2p,
                                              null_text_inner_steps, null_text_early_stop, ddpm_skip, inversions,
-                                             null_edit or composite, direction)
+                                             null_edit or composite, direction, hold_prompts)
         autoencoded = decode_latents(pipe, latents)
     finally:
         pipe.unet = unet
@@ -311,7 +334,8 @@ def counterfactuals(
     for e, candidates in enumerate(edited):
         decoded = [decode_latents(pipe, z) for z in candidates]
         kept = [keep_input_outside_change(images, r, None if null_images is None else null_images[s], composite,
-                                          masks, change_threshold, change_smoothing) for s, r in enumerate(decoded)]
+                                          masks, change_threshold, change_smoothing, change_fill)
+                for s, r in enumerate(decoded)]
         winner = _winners(kept, unit, e, sweep, select)
         outputs.append(np.stack(kept)[winner, rows])
         raw.append(np.stack(decoded)[winner, rows])

@@ -45,6 +45,8 @@ __all__ = [
     "is_shift",
     "EditNotApplicable",
     "counterfactual_prompt",
+    "check_hold",
+    "hold_prompts",
     "batch_prompts",
 ]
 
@@ -301,6 +303,33 @@ def counterfactual_prompt(row: Any, edit: Mapping[str, Any], cfg: PromptConfig |
     if silent:
         raise ValueError(f"edit of {silent}: not in PromptConfig.attributes {list(cfg.attributes)}")
     return build_prompt(apply_edit(row, edit), cfg)
+
+
+def check_hold(hold: Sequence[str], cfg: PromptConfig) -> None:
+    """Raise unless every held attribute is a binary one the template describes (only those can be changed in a
+    prompt to read off the direction to hold)."""
+    holdable = [a for a in cfg.attributes if a in BINARY_ATTRIBUTES]
+    bad = [a for a in hold if a not in holdable]
+    if bad:
+        raise ValueError(f"edit.hold {bad}: only binary attributes the prompt template describes can be held: "
+                         f"{holdable}")
+
+
+def hold_prompts(row: Any, edit: Mapping[str, Any], hold: Sequence[str], cfg: PromptConfig | None = None) -> list[str]:
+    """For an edit that must keep the attributes `hold` as they are: one prompt per held attribute the edit does not
+    set itself (the same list for every row of one edit), the *factual* prompt with that attribute changed: 1 -> 0;
+    0, uncertain or missing -> 1. The engine reads the direction "this attribute changes" off each and removes it
+    from the edit (`cfgen.editing.ddpm_inversion`)."""
+    cfg = cfg or PromptConfig()
+    check_hold(hold, cfg)
+    out = []
+    for name in hold:
+        if name in edit:
+            continue
+        value = _label(name, _get(row, name))
+        flipped = 0 if value == 1.0 else 1
+        out.append(build_prompt({**(dict(row.items()) if hasattr(row, "items") else dict(row)), name: flipped}, cfg))
+    return out
 
 
 def batch_prompts(batch: Any, cfg: PromptConfig | None = None) -> list[str]:

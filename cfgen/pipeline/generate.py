@@ -134,7 +134,8 @@ class CounterfactualStage:
         cf_prompts = [[p.prompt for p in per_edit] for per_edit in planned]
         masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
             if edit.confine == "mask" and failure is None else (None, [False] * len(rows))  # a failure reads none
-        options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows])
+        options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows],
+                       hold_prompts=edit_hold_prompts(rows, edits, edit, prompt))
         n, k = len(rows), len(edits)
         if failure is None:
             result = counterfactuals(self.pipe, pixels, factual, cf_prompts, select=self._select(edit), **options)
@@ -148,8 +149,11 @@ class CounterfactualStage:
         if self.job.metrics.reversibility and failure is None:
             # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual;
             # the way back has each row's own target, so the engine's default setting, not the selection
-            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **options)
-                     for cf, prompts in zip(result.counterfactuals, cf_prompts)]
+            # (the attributes held on the way there are held on the way back, read off the edited rows)
+            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **{
+                         **options, "hold_prompts": edit_hold_prompts(_edited_rows(rows, per_edit), [e], edit,
+                                                                      prompt)})
+                     for cf, prompts, per_edit, e in zip(result.counterfactuals, cf_prompts, planned, edits)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         elif self.job.metrics.reversibility:
             extra["edit_back"] = np.zeros((n * k, *pixels.shape[1:]), dtype=np.uint8)
@@ -218,6 +222,24 @@ def planned_edit(row: dict[str, Any], factual_prompt: str, edit: dict[str, Any],
     except EditNotApplicable as err:
         return PlannedEdit(factual_prompt, None, str(err))
     return PlannedEdit(counterfactual_prompt(row, resolved, prompt), json.dumps(resolved, sort_keys=True), None)
+
+
+def _edited_rows(rows: list[dict[str, Any]], planned: list[PlannedEdit]) -> list[dict[str, Any]]:
+    """The rows as their counterfactuals describe them (a row whose edit was not applied as it was)."""
+    from cfgen.io.prompts import apply_edit
+
+    return [apply_edit(r, json.loads(p.applied)) if p.applied else r for r, p in zip(rows, planned)]
+
+
+def edit_hold_prompts(rows: list[dict[str, Any]], edits: list[dict[str, Any]], config: EditConfig,
+                      prompt: PromptConfig) -> list[list[list[str]]] | None:
+    """The engine's `hold_prompts` [edit][held attribute][row] for `config.hold` (None when nothing is held)."""
+    from cfgen.io.prompts import hold_prompts
+
+    if not config.hold:
+        return None
+    return [[list(concept) for concept in zip(*(hold_prompts(r, e, config.hold, prompt) for r in rows))]
+            for e in edits]
 
 
 def confinement_masks(rows: list[dict[str, Any]], edit: EditConfig, decode: DecodeConfig,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cfgen.config import EditConfig, JobConfig, PlanRule, PromptConfig
-from cfgen.io.prompts import BINARY_ATTRIBUTES, KNOWN_ATTRIBUTES, is_shift
+from cfgen.io.prompts import BINARY_ATTRIBUTES, KNOWN_ATTRIBUTES, check_hold, is_shift
 
 #: Columns of the key table, in order.
 KEY_COLUMNS = ("key", "image_id", "rule", "edit", "edit_name", "seed", "method", "model_version", "input_status",
@@ -92,6 +92,7 @@ def rules(edit: EditConfig, prompt: PromptConfig) -> list[Rule]:
             config = EditConfig.model_validate({**base, **rule.settings, "edits": rule.edits})
         except ValueError as err:
             raise ValueError(f"plan rule {name!r}: its settings are not a valid edit section: {err}") from None
+        check_hold(config.hold, prompt)
         out.append(Rule(name, config, rule))
     return out
 

@@ -142,7 +142,7 @@ class Editor:
         from cfgen.editing.engine import counterfactuals, engine_options
         from cfgen.io.prompts import build_prompt
         from cfgen.metrics.image import as_unit_float
-        from cfgen.pipeline.generate import edit_seed, planned_edit
+        from cfgen.pipeline.generate import edit_hold_prompts, edit_seed, planned_edit
 
         base = self.job.edit.model_dump(exclude={"plan"})
         config = EditConfig.model_validate({**base, "method": method, "num_inference_steps": steps,
@@ -155,7 +155,9 @@ class Editor:
         images = np.stack([item.image for item in items])
         masks = np.stack([item.mask for item in items]).astype(np.float32) if masked else None
         seeds = [edit_seed(item.digest, item.seed) for item in items]  # the batch job's per-image seed
-        options = dict(engine_options(config), masks=masks, seeds=seeds)
+        options = dict(engine_options(config), masks=masks, seeds=seeds,
+                       hold_prompts=edit_hold_prompts([item.factual for item in items], [items[0].edit], config,
+                                                      prompt_cfg))
         with self._lock:
             result = counterfactuals(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)
         cfs = result.counterfactuals[0]
