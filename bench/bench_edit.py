@@ -50,8 +50,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 EDITS = [{"support_devices": 0}, {"pleural_effusion": 1}, {"smoking": 1}, {"cardiomegaly": 1}]
-#: the attributes the `hold` variants keep (each edit holds the three it does not set)
-HOLD = [attribute for edit in EDITS for attribute in edit]
+#: the attributes the `hold` variants keep: all four (each edit holds the three it does not set), or only the one
+#: the phantoms confound with effusion
+HOLD_VARIANTS = [("", []), (" hold", [attribute for edit in EDITS for attribute in edit]),
+                 (" hold-devices", ["support_devices"])]
 #: UNet evaluations (forward + backward) per counterfactual the target variant may spend
 MAX_EVALUATIONS = 150
 #: (figure, row key, direction, threshold), every edit of the best variant
@@ -99,11 +101,12 @@ def variants(default_guidance: float) -> list[Variant]:
                                                            "change_threshold": 0.5}),
                            # every other attribute held (its direction removed from the edit's), and/or the
                            # change mask filled with the decoded edit itself instead of the composite
-                           *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{' hold' * hold}{' edited' * edited}",
+                           *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{hold_name}{' edited' * edited}",
                               {"method": "ddpm", "edit_guidance": g, "edit_threshold": 0.9, "ddpm_skip": 0.0,
-                               "change_threshold": 0.5, "hold": HOLD if hold else [],
+                               "change_threshold": 0.5, "hold": held,
                                "change_fill": "edited" if edited else "composite"})
-                             for g in (3.0, 6.0) for hold, edited in ((True, False), (False, True), (True, True))]]:
+                             for g in (3.0, 6.0) for hold_name, held in HOLD_VARIANTS for edited in (False, True)
+                             if held or edited]]:
         if settings.get("change_threshold"):  # the edit's own mask confines the composite: no raw variant
             out.append(Variant(f"{name} composite", {**settings, "composite": True}, quick=False))
             continue

@@ -491,19 +491,20 @@ HOLD = [["a chest x-ray of a 63 year old female patient, smoker",  # devices rem
 def test_held_ddpm_edit_reconstructs_with_the_factual_prompt_and_counts_one_row_per_held_image(pipe):
     images = _images(8)
     kwargs = dict(method="ddpm", guidance_scale=1.0, ddpm_skip=0.0, null_edit=False)
-    # edit 0 is the factual prompt (nothing to hold: its direction is zero), edit 1 a real one; in edit 1 image 1's
-    # held prompt is its factual one, which holds nothing and costs no row
-    holds = [HOLD, [[HOLD[0][0], FACTUAL[1]]]]
+    # edit 0 is the factual prompt (nothing to hold: its direction is zero, so no held rows), edit 1 a real one; in
+    # edit 1 image 1's held prompt is its edited one, which holds nothing and costs no row either
+    holds = [HOLD, [[HOLD[0][0], EDITS[0][1]]]]
     out = _edit(pipe, images, edits=[FACTUAL, EDITS[0]], hold_prompts=holds, **kwargs)
     np.testing.assert_allclose(out.counterfactuals[0], images / 255.0, atol=2e-3)  # composited factual edit
-    # inversion 2 rows a step; sampling: 2 edits x 2 images x (source + edited) + held rows (2 + 1), 3 steps
-    assert out.unet_forward == (3 * 2 + 3 * (2 * 2 * 2 + 3)) / 4
+    # inversion 2 rows a step; sampling: 2 edits x 2 images x (source + edited) + 1 held row, 3 steps
+    assert out.unet_forward == (3 * 2 + 3 * (2 * 2 * 2 + 1)) / 4
     plain = _edit(pipe, images, edits=[EDITS[0]], **kwargs)
-    nothing_held = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[[FACTUAL]], **kwargs)
+    nothing_held = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[EDITS], **kwargs)
     np.testing.assert_allclose(nothing_held.raw_counterfactuals[0], plain.raw_counterfactuals[0], atol=1e-5)
     assert nothing_held.unet_forward == plain.unet_forward
-    # holding the edit's own attribute takes much of the edit away (all of it where it is strongest)
-    own = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[[EDITS[0]]], **kwargs)
+    # holding the edit's own attribute (the edited prompt with it changed back: the factual one) takes much of the
+    # edit away (all of it where it is strongest)
+    own = _edit(pipe, images, edits=[EDITS[0]], hold_prompts=[[FACTUAL]], **kwargs)
     x = plain.autoencoded
     assert np.abs(own.raw_counterfactuals[0] - x).mean() < 0.8 * np.abs(plain.raw_counterfactuals[0] - x).mean()
 
@@ -526,6 +527,10 @@ def test_holding_attributes_is_for_ddpm_and_held_attributes_must_be_binary_ones_
     held = edit_hold_prompts(rows, [{"smoking": 1}, {"cardiomegaly": 1}], config, PromptConfig(negatives="omit"))
     # [edit][held attribute][row]: smoking's edit holds devices only; cardiomegaly's holds both
     assert [len(e) for e in held] == [1, 2] and all(len(c) == 2 for e in held for c in e)
-    assert held[0][0] == ["a chest x-ray of a patient, non-smoker",
+    assert held[0][0] == ["a chest x-ray of a patient, smoker",
+                          "a chest x-ray of a patient, smoker, with support devices"]
+    # one edit per row (the way back of a reversibility check: each row to its own factual values)
+    back = edit_hold_prompts(rows, [[{"smoking": 0}, {"smoking": 1}]], config, PromptConfig(negatives="omit"))
+    assert back[0][0] == ["a chest x-ray of a patient, non-smoker",
                           "a chest x-ray of a patient, smoker, with support devices"]
     assert edit_hold_prompts(rows, [{"smoking": 1}], EditConfig(method="ddpm"), PromptConfig()) is None

@@ -141,16 +141,20 @@ def test_invalid_label_value_is_refused():
         build_prompt({"cardiomegaly": 0.5}, PromptConfig())
 
 
-def test_hold_prompts_change_each_held_attribute_the_edit_leaves_alone_in_the_factual_prompt():
+def test_hold_prompts_change_each_held_attribute_the_edit_leaves_alone_in_the_counterfactual_prompt():
     from cfgen.io.prompts import hold_prompts
 
     cfg = PromptConfig(negatives="omit")
     row = dict(ROW, cardiomegaly=None)  # missing: held against being added
     held = hold_prompts(row, {"pleural_effusion": 1}, ["support_devices", "pleural_effusion", "cardiomegaly"], cfg)
-    # the edit's own attribute is not held; devices 1 -> 0, cardiomegaly missing -> 1; the rest is the factual row
-    assert held == ["a chest x-ray of a 63 year old female patient, smoker",
-                    "a chest x-ray of a 63 year old female patient, smoker, with support devices, with cardiomegaly"]
+    # the edit's own attribute is not held; devices 1 -> 0, cardiomegaly missing -> 1; the rest is the edited row
+    assert held == ["a chest x-ray of a 63 year old female patient, smoker, with pleural effusion",
+                    "a chest x-ray of a 63 year old female patient, smoker, with support devices, with pleural "
+                    "effusion, with cardiomegaly"]
     assert hold_prompts(row, {"smoking": 0}, [], cfg) == []
+    # an edit the row cannot take (a shift of a missing age) leaves the row factual: its held prompts are too
+    assert hold_prompts(dict(row, age=None), {"age": "+10"}, ["support_devices"], cfg) == [
+        "a chest x-ray of a female patient, smoker"]
     with pytest.raises(ValueError, match="only binary attributes"):
         hold_prompts(row, {"smoking": 0}, ["age"], cfg)
     with pytest.raises(ValueError, match="only binary attributes"):  # not in the template: nothing to change

@@ -25,13 +25,15 @@ reconstruction stays exact; scale 1 and threshold 0 is the plain edit.
 Held attributes (`Hold`): a model trained on data where two findings co-occur (effusion with support devices)
 learns to draw both for either word, so its edit direction for one carries the other (bench/RESULTS.md measured
 do(effusion) adding the device). An intervention must keep every other attribute as it is, so for each attribute
-the edit holds, the same UNet call also evaluates the factual prompt with that attribute changed; the difference
-gamma = eps(x, factual with B changed) - eps(x, factual) is the direction "B changes" at this x, and its component
-is removed from the edit's direction in every latent cell (over channels), weighted by where B acts: by
-|gamma|^2 / (|gamma|^2 + mean |gamma|^2) of the image, so cells where B has no direction lose nothing. The idea is
-the negative concept of SEGA/LEDITS++, applied as a projection so that an edit that does not move B is left
-alone. With the factual prompt the edit's direction is zero and stays zero: reconstruction is still exact. It costs
-one UNet row per held attribute per step.
+the edit holds, the same UNet call also evaluates the counterfactual prompt with that attribute changed; the
+difference gamma = eps(x, edited with B changed) - eps(x, edited) is the direction "B changes too" at this x, and
+its component is removed from the edit's direction in every latent cell (over channels), weighted by where B acts:
+by |gamma|^2 / (|gamma|^2 + mean |gamma|^2) of the image, so cells where B has no direction lose nothing. Read in
+the edited context, gamma carries little of the edit itself even where the model ties A to B both ways; read off
+the factual prompt it carried A too (the model's "device" direction adds effusion) and took the whole edit away
+(bench/RESULTS.md). The idea is the negative concept of SEGA/LEDITS++, applied as a projection so that an edit
+that does not move B is left alone. An image whose edit is its factual prompt gets no held rows: its direction is
+zero, and reconstruction stays exact. It costs one UNet row per held attribute per step.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, sour
     delta = eps_cond - eps_source
     for hold, eps_held in zip(holds, held.split([len(h.rows) for h in holds])):
         delta = delta.index_copy(0, hold.rows, remove_held_direction(delta[hold.rows],
-                                                                     eps_held - eps_source[hold.rows]))
+                                                                     eps_held - eps_cond[hold.rows]))
     return base + direction.scale * implicit_mask(delta, direction.threshold) * delta
 
 
@@ -201,8 +203,8 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
               direction: EditDirection | None = None, hold_prompts: list[list[list[str]]] | None = None):
     """The `ddpm` method: (edited latents per prompt list, null edit = the encoded latents). Every edit runs in
     one batch with the same noise maps; the noise of each image comes from its own seed. `direction`: directed
-    editing; `hold_prompts` [edit][held attribute][image]: the factual prompts with each held attribute changed
-    (module docstring), a prompt equal to the image's factual one holding nothing."""
+    editing; `hold_prompts` [edit][held attribute][image]: the edited prompts with each held attribute changed
+    (module docstring)."""
     n, steps = len(latents), num_inference_steps
     uncond = encode_prompts(pipe, [""] * n) if guidance_scale != 1.0 else None
 
@@ -224,19 +226,22 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
                          None if uncond is None else uncond.repeat(k, 1, 1), guidance_scale, skip,
                          None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1),
                          encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction,
-                         held_rows(pipe, factual_prompts, hold_prompts or [], latents.device))
+                         held_rows(pipe, factual_prompts, counterfactual_prompts, hold_prompts or [], latents.device))
     return [z.to(latents.dtype) for z in edited.split(n)], inverted["trajectory"][0].to(latents.dtype)
 
 
-def held_rows(pipe, factual_prompts: list[str], hold_prompts: list[list[list[str]]], device) -> list[Hold]:
+def held_rows(pipe, factual_prompts: list[str], counterfactual_prompts: list[list[str]],
+              hold_prompts: list[list[list[str]]], device) -> list[Hold]:
     """One `Hold` per (edit, held attribute) over the batch of every edit's rows (edit e's image i is row
-    e * n + i); an image whose held prompt is its factual one is left out (nothing to hold, no UNet row)."""
+    e * n + i); an image whose edit is its factual prompt (nothing to hold) or whose held prompt is its edited one
+    is left out, at no UNet cost."""
     n, holds = len(factual_prompts), []
     for e, per_edit in enumerate(hold_prompts):
         for prompts in per_edit:
             if len(prompts) != n:
                 raise ValueError(f"hold_prompts: {len(prompts)} prompts for a batch of {n} images")
-            rows = [i for i in range(n) if prompts[i] != factual_prompts[i]]
+            edited = counterfactual_prompts[e]
+            rows = [i for i in range(n) if edited[i] != factual_prompts[i] and prompts[i] != edited[i]]
             if rows:
                 holds.append(Hold(torch.tensor([e * n + i for i in rows], device=device),
                                   encode_prompts(pipe, [prompts[i] for i in rows])))

@@ -284,7 +284,7 @@ def counterfactuals(
     `masks` [B,H,W] (values in [0,1]) confine every edit to a region; `seeds` (one per image) seed the noise of
     stochastic methods, so an image's counterfactual does not depend on the batch it was edited in. The
     keyword-only settings are `EditConfig`'s fields of the same names; `hold_prompts` [edit][held attribute]
-    [image] (ddpm; `cfgen.io.prompts.hold_prompts` per row) the factual prompts with each attribute the edit must
+    [image] (ddpm; `cfgen.io.prompts.hold_prompts` per row) the edited prompts with each attribute the edit must
     keep changed; `select` scores the sweep's candidates (see `Select`); `inversion_cache` defaults to the
     process's shared cache. `null_edit=False`: no null edit unless compositing needs one (the result's `null_edit`
     is then None)."""

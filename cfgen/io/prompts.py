@@ -317,18 +317,21 @@ def check_hold(hold: Sequence[str], cfg: PromptConfig) -> None:
 
 def hold_prompts(row: Any, edit: Mapping[str, Any], hold: Sequence[str], cfg: PromptConfig | None = None) -> list[str]:
     """For an edit that must keep the attributes `hold` as they are: one prompt per held attribute the edit does not
-    set itself (the same list for every row of one edit), the *factual* prompt with that attribute changed: 1 -> 0;
-    0, uncertain or missing -> 1. The engine reads the direction "this attribute changes" off each and removes it
-    from the edit (`cfgen.editing.ddpm_inversion`)."""
+    set itself (the same list for every row of one edit), the *counterfactual* prompt with that attribute changed
+    from its factual value: 1 -> 0; 0, uncertain or missing -> 1. The engine reads the direction "this attribute
+    changes too" off each and removes it from the edit (`cfgen.editing.ddpm_inversion`)."""
     cfg = cfg or PromptConfig()
     check_hold(hold, cfg)
+    try:
+        edited = apply_edit(row, edit)
+    except EditNotApplicable:  # the row is not edited (its prompt stays factual), so nothing is held
+        edited = dict(row.items()) if hasattr(row, "items") else dict(row)
     out = []
     for name in hold:
         if name in edit:
             continue
         value = _label(name, _get(row, name))
-        flipped = 0 if value == 1.0 else 1
-        out.append(build_prompt({**(dict(row.items()) if hasattr(row, "items") else dict(row)), name: flipped}, cfg))
+        out.append(build_prompt({**edited, name: 0 if value == 1.0 else 1}, cfg))
     return out
 
 

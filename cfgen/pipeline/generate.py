@@ -149,10 +149,10 @@ class CounterfactualStage:
         if self.job.metrics.reversibility and failure is None:
             # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual;
             # the way back has each row's own target, so the engine's default setting, not the selection
-            # (the attributes held on the way there are held on the way back, read off the edited rows)
+            # (the attributes held on the way there are held on the way back: from the edited row to the factual)
             backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **{
-                         **options, "hold_prompts": edit_hold_prompts(_edited_rows(rows, per_edit), [e], edit,
-                                                                      prompt)})
+                         **options, "hold_prompts": edit_hold_prompts(
+                             _edited_rows(rows, per_edit), [[{a: r.get(a) for a in e} for r in rows]], edit, prompt)})
                      for cf, prompts, per_edit, e in zip(result.counterfactuals, cf_prompts, planned, edits)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         elif self.job.metrics.reversibility:
@@ -231,15 +231,17 @@ def _edited_rows(rows: list[dict[str, Any]], planned: list[PlannedEdit]) -> list
     return [apply_edit(r, json.loads(p.applied)) if p.applied else r for r, p in zip(rows, planned)]
 
 
-def edit_hold_prompts(rows: list[dict[str, Any]], edits: list[dict[str, Any]], config: EditConfig,
-                      prompt: PromptConfig) -> list[list[list[str]]] | None:
-    """The engine's `hold_prompts` [edit][held attribute][row] for `config.hold` (None when nothing is held)."""
+def edit_hold_prompts(rows: list[dict[str, Any]], edits: list[dict[str, Any] | list[dict[str, Any]]],
+                      config: EditConfig, prompt: PromptConfig) -> list[list[list[str]]] | None:
+    """The engine's `hold_prompts` [edit][held attribute][row] for `config.hold` (None when nothing is held); an
+    edit is one for every row or a list of one per row."""
     from cfgen.io.prompts import hold_prompts
 
     if not config.hold:
         return None
-    return [[list(concept) for concept in zip(*(hold_prompts(r, e, config.hold, prompt) for r in rows))]
-            for e in edits]
+    per_row = [e if isinstance(e, list) else [e] * len(rows) for e in edits]
+    return [[list(concept) for concept in zip(*(hold_prompts(r, e, config.hold, prompt) for r, e in zip(rows, es)))]
+            for es in per_row]
 
 
 def confinement_masks(rows: list[dict[str, Any]], edit: EditConfig, decode: DecodeConfig,
