@@ -1,6 +1,8 @@
 """Fine-tuning with the text encoder trained too (train.train_text_encoder), on cached latents, through the real
 Ray Train + DeepSpeed ZeRO-2 path on 2 CPU workers."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     from cfgen.models.sd import encode_images
     from cfgen.pipeline.ingest import ingest, training_dataset
     from cfgen.pipeline.latents import latent_dataset, latents_uri
-    from cfgen.pipeline.workflows import base_model, run_phantoms
+    from cfgen.pipeline.workflows import base_model, run_phantoms, vae_fit_images
     from cfgen.train.trainer import fine_tune
 
     job = load_config("configs/demo.yaml", [
@@ -25,6 +27,11 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     job.data.manifest_uri = run_phantoms(job)["manifest_parquet"]
     decoded = ingest(job).decoded_uri
     base = base_model(job, decoded)
+    # the VAE fit draws the same images in the same order every time, so another run on the same data reuses it
+    assert np.array_equal(vae_fit_images(job, decoded), vae_fit_images(job, decoded))
+    again = base_model(job.model_copy(update={"output_uri": f"{tmp_path}/run-again"}), decoded)
+    assert json.loads((tmp_path / "run-again" / "models" / "base" / "vae_fit.json").read_text())["cached"] is True
+    assert again != base
     cached = latent_dataset(job, decoded, base)
     tuned_from = latents_uri(job, base)
     start = load_pipeline(base)

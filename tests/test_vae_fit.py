@@ -35,6 +35,8 @@ def test_fit_is_cached_by_its_inputs_and_reused(s3_storage, bucket):
     # other data (or other settings) is another fit
     assert fit_key(model.tiny, 64, cfg, 0, _images(seed=1)) != rec1["key"]
     assert fit_key(model.tiny, 64, cfg.model_copy(update={"steps": 4}), 0, images) != rec1["key"]
+    # an option left unset does not enter the key (adding one keeps earlier fits valid); set, it does
+    assert fit_key(model.tiny, 64, cfg.model_copy(update={"crop": 32}), 0, images) != rec1["key"]
     # where the fit lives does not change what it is
     assert fit_key(model.tiny, 64, cfg.model_copy(update={"cache_uri": "elsewhere"}), 0, images) == rec1["key"]
 

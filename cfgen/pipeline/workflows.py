@@ -70,6 +70,7 @@ def vae_cache_uri(job: JobConfig) -> str:
 def autoencoder_fidelity(job: JobConfig, vae, decoded_uri: str) -> dict[str, Any]:
     """The VAE's L1 on held-out (validate-split) images, whole and per fine structure where phantoms give them."""
     from cfgen.metrics.image import reconstruction_fidelity
+    from cfgen.metrics.image import ssim as image_ssim
     from cfgen.pipeline.ingest import decoded_rows
     from cfgen.train.vae import reconstruct
 
@@ -92,8 +93,29 @@ def autoencoder_fidelity(job: JobConfig, vae, decoded_uri: str) -> dict[str, Any
         scm = PhantomSCM(phantoms)
         masks = [structure_masks(scm, i, job.data.decode) for i in held["phantom_index"]]
         structures = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
-    fidelity = reconstruction_fidelity(images, reconstruct(vae, images), structures)
-    return {"heldout_images": int(len(images)), "l1": fidelity}
+    reconstructions = reconstruct(vae, images)
+    fidelity = reconstruction_fidelity(images, reconstructions, structures)
+    # the SSIM a null edit that passes through the autoencoder cannot exceed (before compositing)
+    ssim = float(np.mean([image_ssim(a, b) for a, b in zip(images, reconstructions)]))
+    return {"heldout_images": int(len(images)), "l1": fidelity, "ssim": ssim}
+
+
+def vae_fit_images(job: JobConfig, decoded_uri: str) -> np.ndarray:
+    """The first `train.vae.images` training images in the order of the decoded files. The fit and its cache key
+    depend on which images and in what order, and Ray Data's parallel read keeps no order unless asked: without
+    it every run drew another order and refitted (measured: the cache missed on the same data)."""
+    import ray.data
+
+    from cfgen.pipeline.ingest import training_dataset
+
+    n = job.train.vae.images
+    context = ray.data.DataContext.get_current()
+    kept = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        return np.asarray(training_dataset(job, decoded_uri).limit(n).take_batch(n, batch_format="numpy")["image"])
+    finally:
+        context.execution_options.preserve_order = kept
 
 
 def base_model(job: JobConfig, decoded_uri: str) -> str:
@@ -102,15 +124,13 @@ def base_model(job: JobConfig, decoded_uri: str) -> str:
     if job.model.pretrained:
         return job.model.pretrained
     from cfgen.models.sd import build_tiny_pipeline, save_pipeline
-    from cfgen.pipeline.ingest import training_dataset
     from cfgen.train.vae import cached_fit
 
     uri = join_uri(job.output_uri, "models", "base")
     if exists(join_uri(uri, "model_index.json"), job.storage):
         return uri
     pipe = build_tiny_pipeline(job.model, seed=job.train.seed)
-    n = job.train.vae.images
-    sample = np.asarray(training_dataset(job, decoded_uri).limit(n).take_batch(n, batch_format="numpy")["image"])
+    sample = vae_fit_images(job, decoded_uri)
     vae, record = cached_fit(pipe.vae, sample, job.model.tiny, job.model.resolution, job.train.vae,
                              vae_cache_uri(job), job.storage, seed=job.train.seed)
     pipe.vae = vae

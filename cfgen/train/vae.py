@@ -109,7 +109,8 @@ def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 64) ->
 def fit_key(tiny: TinyModelConfig, resolution: int, cfg: VAEPretrainConfig, seed: int, images: np.ndarray) -> str:
     """Everything that determines a fitted VAE, hashed: same inputs, same VAE, so a cached one can be reused."""
     digest = hashlib.sha256()
-    settings = cfg.model_dump(mode="json", exclude={"cache_uri", "heldout"})
+    # unset options (None) are left out, so that adding an option does not change the key of every earlier fit
+    settings = cfg.model_dump(mode="json", exclude={"cache_uri", "heldout"}, exclude_none=True)
     digest.update(json.dumps({"tiny": tiny.model_dump(mode="json"), "resolution": resolution, "fit": settings,
                               "seed": seed, "shape": list(images.shape), "dtype": str(images.dtype)},
                              sort_keys=True).encode())
