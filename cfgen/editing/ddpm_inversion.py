@@ -83,7 +83,7 @@ def implicit_mask(direction: torch.Tensor, threshold: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class Hold:
     """One held attribute for some rows of a batch: `rows` (indices into the batch) and `embeddings` [len(rows), L,
-    D] of their factual prompts with that attribute changed (module docstring). Rows are unique within a Hold."""
+    D] of their edited prompts with that attribute changed (module docstring). Rows are unique within a Hold."""
 
     rows: torch.Tensor
     embeddings: torch.Tensor

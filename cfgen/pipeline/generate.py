@@ -135,7 +135,7 @@ class CounterfactualStage:
         masks, confined = confinement_masks(rows, edit, self.job.data.decode, self.job.storage) \
             if edit.confine == "mask" and failure is None else (None, [False] * len(rows))  # a failure reads none
         options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows],
-                       hold_prompts=edit_hold_prompts(rows, edits, edit, prompt))
+                       hold_prompts=edit_hold_prompts(rows, edits, edit, prompt) if failure is None else None)
         n, k = len(rows), len(edits)
         if failure is None:
             result = counterfactuals(self.pipe, pixels, factual, cf_prompts, select=self._select(edit), **options)

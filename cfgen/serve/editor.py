@@ -156,8 +156,8 @@ class Editor:
         masks = np.stack([item.mask for item in items]).astype(np.float32) if masked else None
         seeds = [edit_seed(item.digest, item.seed) for item in items]  # the batch job's per-image seed
         options = dict(engine_options(config), masks=masks, seeds=seeds,
-                       hold_prompts=edit_hold_prompts([item.factual for item in items], [items[0].edit], config,
-                                                      prompt_cfg))
+                       hold_prompts=edit_hold_prompts([item.factual for item in items],
+                                                      [[item.edit for item in items]], config, prompt_cfg))
         with self._lock:
             result = counterfactuals(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)
         cfs = result.counterfactuals[0]
