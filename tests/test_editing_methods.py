@@ -534,3 +534,16 @@ def test_holding_attributes_is_for_ddpm_and_held_attributes_must_be_binary_ones_
     assert back[0][0] == ["a chest x-ray of a patient, non-smoker",
                           "a chest x-ray of a patient, smoker, with support devices"]
     assert edit_hold_prompts(rows, [{"smoking": 1}], EditConfig(method="ddpm"), PromptConfig()) is None
+
+
+def test_a_server_that_holds_attributes_refuses_requests_for_other_methods_with_a_clear_422():
+    from cfgen.config import JobConfig
+    from cfgen.serve.inputs import EditSpec, RequestError, check_spec
+
+    job = JobConfig.model_validate({"edit": {"method": "ddpm", "hold": ["support_devices"]}})
+    assert check_spec(EditSpec(set={"smoking": 1}), job)[0] == "ddpm"
+    with pytest.raises(RequestError, match="holds") as err:
+        check_spec(EditSpec(set={"smoking": 1}, method="sdedit"), job)
+    assert err.value.status == 422
+    plain = JobConfig.model_validate({"edit": {"method": "ddpm"}})
+    assert check_spec(EditSpec(set={"smoking": 1}, method="sdedit"), plain)[0] == "sdedit"

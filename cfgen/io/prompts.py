@@ -282,6 +282,11 @@ def resolve_edit(row: Any, edit: Mapping[str, Any], age_range: tuple[float, floa
     return out
 
 
+def _as_dict(row: Any) -> dict[str, Any]:
+    """A copy of a row (dict, pandas or Ray/pyarrow row) as a plain dict."""
+    return dict(row.items()) if hasattr(row, "items") else dict(row)
+
+
 def apply_edit(row: Any, edit: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `row` as a dict with the intervention applied (shifts resolved against the row); unknown
     attribute names are a ValueError."""
@@ -289,7 +294,7 @@ def apply_edit(row: Any, edit: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"an edit is a non-empty mapping attribute -> value, got {edit!r}")
     _check_attributes(list(edit))
     edit = resolve_edit(row, edit)
-    edited = dict(row.items()) if hasattr(row, "items") else dict(row)
+    edited = _as_dict(row)
     for name, value in edit.items():
         edited[name] = _edit_value(name, value)
     return edited
@@ -325,7 +330,7 @@ def hold_prompts(row: Any, edit: Mapping[str, Any], hold: Sequence[str], cfg: Pr
     try:
         edited = apply_edit(row, edit)
     except EditNotApplicable:  # the row is not edited (its prompt stays factual), so nothing is held
-        edited = dict(row.items()) if hasattr(row, "items") else dict(row)
+        edited = _as_dict(row)
     out = []
     for name in hold:
         if name in edit:

@@ -152,7 +152,8 @@ class CounterfactualStage:
             # (the attributes held on the way there are held on the way back: from the edited row to the factual)
             backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **{
                          **options, "hold_prompts": edit_hold_prompts(
-                             _edited_rows(rows, per_edit), [[{a: r.get(a) for a in e} for r in rows]], edit, prompt)})
+                             _edited_rows(rows, per_edit), [[{a: r.get(a) for a in e} for r in rows]], edit, prompt)
+                         if edit.hold else None})
                      for cf, prompts, per_edit, e in zip(result.counterfactuals, cf_prompts, planned, edits)]
             extra["edit_back"] = np.concatenate([_to_uint8(b.counterfactuals[0]) for b in backs])
         elif self.job.metrics.reversibility:

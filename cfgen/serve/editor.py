@@ -70,9 +70,11 @@ class Editor:
     def __init__(self, job: JobConfig):
         import torch
 
+        from cfgen.io.prompts import check_hold
         from cfgen.models.sd import load_pipeline, pick_device
         from cfgen.pipeline.plan import model_version
 
+        check_hold(job.edit.hold, job.data.prompt)  # a bad edit.hold fails the deployment, not every request
         self.job = job
         self.model_uri = resolve_model(job)
         self.device = pick_device(job.model.device)

@@ -87,8 +87,9 @@ def check_spec(spec: EditSpec, job: JobConfig) -> tuple[str, int, float]:
     if guidance > s.max_guidance:
         raise RequestError(422, f"guidance {guidance} exceeds this server's limit of {s.max_guidance}")
     method = spec.method or job.edit.method
-    if method != "ddpm" and (job.edit.edit_guidance != 1.0 or job.edit.edit_threshold != 0.0):
-        raise RequestError(422, f"this server edits directed ddpm; method {method!r} is not available with it")
+    if method != "ddpm" and (job.edit.edit_guidance != 1.0 or job.edit.edit_threshold != 0.0 or job.edit.hold):
+        raise RequestError(422, f"this server edits directed ddpm (or holds {job.edit.hold}); method {method!r} is "
+                                "not available with it")
     return method, steps, guidance
 
 
