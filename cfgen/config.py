@@ -373,6 +373,23 @@ class EditConfig(_Section):
             raise ValueError(f"hold (attributes an edit keeps) applies to method 'ddpm', not {self.method!r}")
         return self
 
+    def describe(self) -> str:
+        """The method and the settings that shape its output, in one line (job summaries and reports)."""
+        parts = [self.method, f"{self.num_inference_steps} steps", f"guidance {self.guidance_scale:g}"]
+        if self.method == "sdedit":
+            parts.append(f"strength {self.strength:g}")
+        if self.method == "ddpm":
+            parts.append(f"skip {self.ddpm_skip:g}")
+            if self.edit_guidance != 1.0 or self.edit_threshold:
+                parts.append(f"directed {self.edit_guidance:g}x above the {self.edit_threshold:g} quantile")
+            if self.hold:
+                parts.append("holding " + ", ".join(self.hold))
+        parts.append(f"composite {self.composite}")
+        if self.change_threshold:
+            parts.append(f"change mask {self.change_threshold:g} (fill {self.change_fill})")
+        parts.append(f"confine {self.confine}")
+        return ", ".join(parts)
+
 
 class ClassifierTrainConfig(_Section):
     """How the attribute classifier is trained (Ray Train, DDP: gloo on CPU, NCCL on GPU)."""

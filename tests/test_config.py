@@ -52,3 +52,15 @@ def test_mlflow_params_carry_the_config_but_no_secret():
 def test_relative_sqlite_tracking_uri_is_made_absolute():
     job = load_config(None, ["tracking.tracking_uri=sqlite:///runs/x.db"])
     assert job.tracking.tracking_uri.startswith("sqlite:////") and job.tracking.tracking_uri.endswith("/runs/x.db")
+
+
+def test_edit_description_names_the_settings_that_shape_the_output():
+    from cfgen.config import EditConfig
+
+    demo = load_config("configs/demo.yaml").edit
+    assert demo.describe() == ("ddpm, 20 steps, guidance 1, skip 0, directed 3x above the 0.9 quantile, "
+                               "composite True, change mask 0.5 (fill composite), confine none")
+    held = EditConfig(method="ddpm", hold=["support_devices"], change_threshold=0.5, change_fill="edited")
+    assert "holding support_devices" in held.describe() and "fill edited" in held.describe()
+    assert EditConfig(method="sdedit", strength=0.8).describe().startswith("sdedit, 20 steps, guidance 1, strength 0.8")
+    assert "directed" not in EditConfig(method="ddpm").describe()

@@ -35,10 +35,11 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert (results["split"] == "test").all()
     with_devices = results[(results.edit_name == "support_devices=0")]
     assert with_devices["counterfactual_prompt"].str.contains("without support devices").all()
-    # the demo's method (configs/demo.yaml: edit-friendly DDPM) at 4 steps, skip 0.2: 3 steps of inversion with
-    # the factual prompt, 3 sampled steps per edit, and no UNet call for the exact null edit
+    # the demo's method (configs/demo.yaml: directed edit-friendly DDPM from the first step) at 4 steps: 4 steps
+    # of inversion with the factual prompt, then per edit 4 sampled steps of two rows each (the edited prompt and
+    # the factual one, whose difference is the edit's direction), and no UNet call for the exact null edit
     assert (results["method"] == "ddpm").all()
-    assert (results["unet_evaluations"] == 3 + 2 * 3).all()
+    assert (results["unet_evaluations"] == 4 + 2 * 2 * 4).all()
 
     # the metric stage: the classifier read every row, and the report shows the instrument
     assert "Attribute classifier" in html and "clf_flip_rate" in html and "Instrument calibration" in html

@@ -276,8 +276,7 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
         "training budget": f"{job.train.max_steps} UNet steps: a demo-sized model that has not yet learned every "
                            f"phrase (configs/phantom-bench.yaml trains the benchmark's model; bench/RESULTS.md)",
         "autoencoder held-out L1": _fidelity_text(job),
-        "editing": f"{job.edit.method}, {job.edit.num_inference_steps} steps, guidance {job.edit.guidance_scale}, "
-                   f"composite {job.edit.composite}, confine {job.edit.confine}",
+        "editing": job.edit.describe(),
         "counterfactual rows": generated.rows_written,
         "wall time (s)": f"{time.time() - started:.0f}",
     }
