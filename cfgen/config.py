@@ -501,7 +501,9 @@ class DiscoveryConfig(_Section):
     per_unit: dict[str, float] = Field({"age": 10.0}, description="effect sizes per this many units (per decade)")
     limit: int | None = Field(None, ge=1, description="at most this many subjects (test runs)")
     examples: int = Field(6, ge=0, description="factual | counterfactual pairs shown per intervention")
-    batch_rows: int = Field(256, ge=1, description="rows per streamed batch of the analysis (bounds its memory)")
+    batch_rows: int = Field(256, ge=1, description="rows per batch of the analysis: an actor reads this many rows' "
+                                                    "images at a time, the driver streams their numbers in batches "
+                                                    "of this size (bounds both memories)")
     num_actors: int = Field(2, ge=1, description="Ray Data actors reading the PNGs and masks into region means")
     cpus_per_actor: float = Field(0.5, gt=0)
 

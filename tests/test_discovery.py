@@ -2,6 +2,7 @@
 the job end to end is in test_discover_job.py)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 
 from cfgen.config import DiscoveryConfig, JobConfig, PhantomConfig, load_config
 from cfgen.discovery.analysis import RegionStage, _Reduction, entanglement_table, region_names, region_table, \
-    subject_table
+    subject_table, summarize
 from cfgen.discovery.plans import Intervention, plan
 from cfgen.discovery.regions import lung_regions, region_masks, split_lungs
 from cfgen.phantoms.scm import PhantomSCM
@@ -208,24 +209,52 @@ def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lung
     Image.fromarray(lungs.astype(np.uint8) * 255).save(tmp_path / "lungs.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
     job = JobConfig.model_validate({"data": {"decode": {"size": 64}}, "discovery": {"bootstrap": 500}})
-    batch = {"image_id": np.array(["a", "b"], dtype=object), "edit_name": np.array(["smoking=1"] * 2, dtype=object),
-             "factual_uri": np.array([uris["f"]] * 2, dtype=object),
-             "counterfactual_uri": np.array([uris["c"], str(tmp_path / "gone.png")], dtype=object),
-             "mask_uri": np.array([str(tmp_path / "lungs.png")] * 2, dtype=object)}
-    out = RegionStage(job.model_dump(mode="python"))(batch)
+    batch = {"image_id": np.array(["a", "b", "c"], dtype=object),
+             "edit_name": np.array(["smoking=1"] * 3, dtype=object),
+             "factual_uri": np.array([uris["f"]] * 3, dtype=object),
+             "counterfactual_uri": np.array([uris["c"], str(tmp_path / "gone.png"), uris["c"]], dtype=object),
+             "mask_uri": np.array([str(tmp_path / "lungs.png")] * 3, dtype=object),
+             "smoking": np.array([0, 0, 1]), "seed": np.array([0, 0, 0]),
+             "edit_applied": np.array(['{"smoking": 1}'] * 3, dtype=object)}
+    stage = RegionStage(job.model_dump(mode="python"))
+    out = stage(batch)
     sign = 1 if subject.smoking == 0 else -1
     shift = job.phantoms.effects.smoking_lung_shift
     assert out["d__lungs"][0] == pytest.approx(sign * shift, abs=0.01)
     assert abs(out["d__outside_lungs"][0]) < 1e-3
     assert out["read_error"][0] is None and "gone.png" in out["read_error"][1] and np.isnan(out["d__lungs"][1])
 
-    reduction = _Reduction([Intervention("smoking", 1)], job.discovery, (0, 120), (64, 64))
-    batch_rows = {**out, "smoking": np.array([0, 0]), "seed": np.array([0, 0]),
-                  "edit_applied": np.array(['{"smoking": 1}'] * 2, dtype=object)}
-    reduction.add(batch_rows)
-    assert len(reduction.subjects()) == 1 and reduction.ineligible == {"smoking=1": {"unreadable": 1}}
-    assert reduction.tests["smoking=1"].n == 1 and reduction.population()["image_id"].tolist() == ["a"]
+    # with the interventions, the stage reduces the batch itself: numbers and pixel accumulators, no images
+    smoking = Intervention("smoking", 1)
+    reduced = RegionStage(job.model_dump(mode="python"), [smoking])(batch)
+    assert "diff" not in reduced and "factual" not in reduced
+    assert list(reduced["skip_reason"]) == [None, "unreadable", "already smoking=1"]
+    assert reduced["partial"][0] is not None and all(p is None for p in reduced["partial"][1:])
+
+    reduction = _Reduction([smoking], job.discovery, (0, 120), (64, 64), folder=str(tmp_path / "spill"))
+    reduction.add(reduced)
+    assert len(reduction.subjects()) == 1
+    assert reduction.ineligible == {"smoking=1": {"unreadable": 1, "already smoking=1": 1}}
+    assert reduction.tests["smoking=1"].n == 1 and reduction.means["smoking=1"].n == 1
+    assert reduction.means["smoking=1"].mean == pytest.approx(out["diff"][0])  # the one counted row's map
+    assert sorted(reduction.population()["image_id"]) == ["a", "c"]  # every readable subject, eligible or not
     assert reduction.subjects().loc[0, "d__lungs"] == pytest.approx(out["d__lungs"][0])
+    assert [e["image_id"] for e in reduction.examples["smoking=1"]] == ["a"]
+    np.testing.assert_allclose(reduction.examples["smoking=1"][0]["counterfactual"],
+                               out["factual"][0] + out["diff"][0])
+
+    # a second batch of the same subjects: merged accumulators, one population row per subject
+    reduction.add(RegionStage(job.model_dump(mode="python"), [smoking])(batch))
+    assert reduction.means["smoking=1"].n == 2 and len(reduction.population()) == 2
+    summary = summarize(reduction, pd.DataFrame())
+    assert pd.read_parquet(summary.subjects_path)["n_seeds"].tolist() == [2]
+    assert summary.eligibility["smoking=1"]["eligible_subjects"] == 1
+
+    # Arrow hands a batch's column of nothing but missing reasons back as NaN: those rows count, none is a reason
+    only_a = {k: v[:1] for k, v in reduced.items()}
+    fresh = _Reduction([smoking], job.discovery, (0, 120), (64, 64), folder=str(tmp_path / "spill2"))
+    fresh.add({**only_a, "skip_reason": np.array([np.nan], dtype=np.float32)})
+    assert fresh.ineligible == {} and len(fresh.subjects()) == 1 and fresh.means["smoking=1"].n == 1
 
 
 def test_other_edit_settings_or_another_model_never_reuse_generated_rows():

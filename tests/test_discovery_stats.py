@@ -300,3 +300,9 @@ def test_wilson_interval_matches_known_values_and_scipy():
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_an_empty_batch_adds_nothing_to_the_pixel_accumulator():
+    acc = PairedPixelAccumulator((4, 4)).update(np.ones((2, 4, 4)), np.zeros((2, 4, 4)))
+    acc.update(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))
+    assert acc.n == 2 and acc.n_factual == 2 and acc.result()["mean"] == pytest.approx(np.ones((4, 4)))

@@ -1,9 +1,11 @@
 """From the generation job's rows to the discovery tables: region statistics, pixel maps, entanglement.
 
-The images never gather in one place. Ray Data tasks read each row's factual and counterfactual PNGs and its masks
-and reduce them to region means (`RegionStage`); the driver streams those batches once, adding each difference map
-to one bounded accumulator per intervention (`PairedPixelAccumulator`) and keeping only the per-row numbers. So
-100,000 counterfactuals cost the memory of a batch of images plus a table of numbers.
+The images never gather in one place. Ray Data actors read each row's factual and counterfactual PNGs and its
+masks, reduce them to region means and fold the batch's difference maps into pixel accumulators (`RegionStage`,
+`reduce_batch`); only numbers reach the driver, which merges the accumulators (`PairedPixelAccumulator`, a few
+[H, W] arrays per intervention) and appends each row's numbers to a local Parquet spill. The statistics then read
+the spill one intervention at a time (`summarize`). So the driver holds a batch of numbers while streaming and
+one intervention's column of subjects while summarising, whatever the number of rows.
 
 Every estimate is paired within a subject: the counterfactual minus the factual image of the same patient, the
 subject's seeds averaged first (one subject, one observation). The observational baseline beside it is what a
@@ -15,8 +17,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,14 +59,26 @@ def read_gray(uri: str, storage=None) -> np.ndarray:
 
 
 class RegionStage:
-    """Ray Data task: one batch of results rows -> region means of factual and counterfactual, the difference
-    map, and why a row could not be read (a missing PNG, a mask of the wrong shape) instead of a crash."""
+    """Ray Data actor: one batch of results rows -> per row, region means of the factual and of the difference
+    (and why a row could not be read: a missing PNG, a mask of the wrong shape, instead of a crash); with
+    `interventions`, also each row's eligibility and the batch's pixel accumulators and example images
+    (`reduce_batch`), so that only numbers travel to the driver, never the images."""
 
-    def __init__(self, job: dict[str, Any]):
+    def __init__(self, job: dict[str, Any], interventions: Sequence[Intervention] | None = None):
         self.job = JobConfig.model_validate(job)
         self.names = region_names(self.job.discovery)
+        self.interventions = list(interventions) if interventions is not None else None
+        #: example pairs this actor may still send per intervention (the driver shows `examples` in all)
+        self.examples_left = {i.name: self.job.discovery.examples for i in self.interventions or []}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        measured = self.measure(batch)
+        if self.interventions is None:
+            return measured
+        return reduce_batch(measured, self.interventions, self.job.discovery, tuple(self.job.edit.age_range),
+                            self.examples_left)
+
+    def measure(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cfgen.io.decode import DecodeError
         from cfgen.io.preprocess import read_mask
 
@@ -99,6 +116,64 @@ class RegionStage:
         return out
 
 
+def reduce_batch(measured: Mapping[str, np.ndarray], interventions: Sequence[Intervention], config: DiscoveryConfig,
+                 age_range: tuple[float, float], examples_left: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """A measured batch (`RegionStage.measure`) -> its numbers only: per row `skip_reason` (None: the row counts;
+    "unreadable" or the intervention's reason otherwise; "not planned" for another edit) and `units`, and in
+    the first row's `partial` the batch's pixel accumulators (every counted row's difference map, and the first
+    seed's alone for the pixel test, which counts each subject once: None where those are the same rows) and
+    example images, at most `examples_left[name]` (decremented; default `config.examples`). Row-local, so any
+    worker can reduce any batch."""
+    by_name = {i.name: i for i in interventions}
+    first_seed = config.seeds[0]
+    images = ("diff", "factual")
+    out = {c: np.asarray(v) for c, v in measured.items() if c not in images}
+    n = len(out["image_id"])
+    scalars = [c for c in out if c != "read_error"]
+    reasons: list[str | None] = [None] * n
+    units = np.full(n, np.nan)
+    for j in range(n):
+        row = {c: _scalar(out[c][j]) for c in scalars}
+        intervention = by_name.get(row.get("edit_name"))
+        error = out["read_error"][j] if isinstance(out["read_error"][j], str) else None  # Arrow: None or NaN
+        if intervention is None:
+            reasons[j] = "not planned"
+            continue
+        reason = "unreadable" if error else intervention.eligibility(row, age_range)
+        if error:
+            log.warning("discovery: %s %s: %s", row["image_id"], intervention.name, error)
+        if reason is None and "edit_applied" in row and not isinstance(row["edit_applied"], str):
+            reason = "edit not applied"  # (results of a cfgen before edit_applied: every edit was applied)
+        reasons[j] = reason
+        if reason is None:
+            units[j] = intervention.units(row)
+    counted = np.array([r is None for r in reasons], dtype=bool)
+    names, seeds = out["edit_name"], out.get("seed", np.full(n, first_seed))
+    partial: dict[str, Any] = {}
+    for name in dict.fromkeys(names[counted]):
+        mine = counted & (names == name)
+        first = mine & (seeds == first_seed)
+        shape = measured["diff"].shape[1:]
+        means = PairedPixelAccumulator(shape).update(measured["diff"][mine], measured["factual"][mine])
+        tests = None if np.array_equal(first, mine) else PairedPixelAccumulator(shape).update(
+            measured["diff"][first], measured["factual"][first])
+        left = config.examples if examples_left is None else examples_left.get(name, config.examples)
+        shown = np.flatnonzero(first)[:left]
+        if examples_left is not None:
+            examples_left[name] = left - len(shown)
+        partial[name] = {"means": means.to_dict(), "tests": None if tests is None else tests.to_dict(),
+                         "examples": [{"image_id": str(out["image_id"][j]), "factual": measured["factual"][j].copy(),
+                                       "counterfactual": (measured["factual"][j] + measured["diff"][j]).copy()}
+                                      for j in shown]}
+    out["skip_reason"] = np.array(reasons, dtype=object)
+    out["units"] = units
+    blobs = np.full(n, None, dtype=object)
+    if n:
+        blobs[0] = pickle.dumps(partial, protocol=pickle.HIGHEST_PROTOCOL)
+    out["partial"] = blobs
+    return out
+
+
 @dataclass
 class DiscoveryResult:
     """Everything `cfgen discover` reports; `regions` and `entanglement` are the tables another tool can score."""
@@ -108,86 +183,133 @@ class DiscoveryResult:
     maps: dict[str, dict[str, Any]]
     examples: dict[str, list[dict[str, Any]]]
     eligibility: dict[str, dict[str, int]]
-    subjects: pd.DataFrame  # one row per (intervention, subject): region differences, classifier shifts, units
+    #: a local Parquet file, one row per (intervention, subject): region differences, classifier shifts, units
+    #: (None when no subject was eligible)
+    subjects_path: str | None
     notes: list[str] = field(default_factory=list)
+
+
+class _Spill:
+    """Rows appended batch by batch to local Parquet files, read back one slice at a time: the driver's memory
+    stays that of a batch while the stream runs, whatever the number of rows. A read closes the file being
+    written; a later append starts the next one."""
+
+    def __init__(self, path: str):
+        self.path, self.writer, self.schema, self.rows = path, None, None, 0
+        self.files: list[str] = []
+
+    def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({c: _arrow_column(v, text=c in TEXT_KEYS) for c, v in columns.items()})
+        if not table.num_rows:
+            return
+        if self.schema is None:
+            self.schema = table.schema
+        if set(table.schema.names) != set(self.schema.names):
+            raise ValueError(f"a batch's columns {sorted(table.schema.names)} differ from the first batch's "
+                             f"{sorted(self.schema.names)}")
+        if self.writer is None:
+            stem = Path(self.path)
+            self.files.append(str(stem if not self.files else stem.with_name(f"{stem.stem}-{len(self.files)}"
+                                                                             f"{stem.suffix}")))
+            self.writer = pq.ParquetWriter(self.files[-1], self.schema)
+        self.writer.write_table(table.select(self.schema.names).cast(self.schema))
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def read(self, columns: Sequence[str] | None = None, where: tuple[str, Any] | None = None) -> pd.DataFrame:
+        """The rows (where `column == value`), `columns` only; an empty frame when nothing was appended."""
+        import pyarrow.parquet as pq
+
+        self.close()
+        if not self.files:
+            return pd.DataFrame()
+        filters = [(where[0], "==", where[1])] if where else None
+        wanted = None if columns is None else [c for c in columns if c in self.schema.names]
+        return pq.ParquetDataset(self.files, filters=filters).read(columns=wanted).to_pandas()
+
+
+#: columns spilled as text whatever their values look like (an id column of numbers stays an id)
+TEXT_KEYS = ("image_id", "edit_name")
+
+
+def _arrow_column(values: np.ndarray, text: bool = False):
+    """Text (or missing) as string, anything numeric as float64: the same types in every batch."""
+    import pyarrow as pa
+
+    values = np.asarray(values)
+    if text or values.dtype.kind in "OUS":
+        return pa.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values],
+                        type=pa.string())
+    return pa.array(values.astype(np.float64))
 
 
 @dataclass
 class _Reduction:
-    """What the driver keeps while streaming: a columnar table of numbers per eligible row (no URIs, no images),
-    the factual statistics of every subject once, bounded pixel accumulators and a few examples."""
+    """What the driver keeps while streaming: bounded pixel accumulators, a few examples and counts; the numbers
+    of each counted row (no URIs, no images) and of every readable subject go to local Parquet spills in
+    `folder`, read back one intervention at a time by `summarize`."""
 
     interventions: Sequence[Intervention]
     config: DiscoveryConfig
     age_range: tuple[float, float]
     shape: tuple[int, int]
-    frames: list[pd.DataFrame] = field(default_factory=list)
-    #: every readable subject once, eligible or not: the population the observational baseline regresses over
-    population_frames: list[pd.DataFrame] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    folder: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="cfgen-discovery-"))
     tests: dict[str, PairedPixelAccumulator] = field(default_factory=dict)
     means: dict[str, PairedPixelAccumulator] = field(default_factory=dict)
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ineligible: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def add(self, batch: Mapping[str, np.ndarray]) -> None:
-        by_name = {i.name: i for i in self.interventions}
-        first_seed = self.config.seeds[0]
-        n = len(batch["image_id"])
-        scalars = [c for c in batch if c not in ("diff", "factual")]
-        numbers = [c for c in scalars if not c.endswith("_uri") and c != "read_error"]
-        eligible, units, newcomers = [], [], []
-        for j in range(n):
-            row = {c: _scalar(batch[c][j]) for c in scalars}
-            intervention = by_name.get(row["edit_name"])
-            if intervention is None:
-                continue
-            # Arrow hands a missing string back as None or NaN: only text is a reason
-            error = row.get("read_error") if isinstance(row.get("read_error"), str) else None
-            if error is None and row["image_id"] not in self.seen:
-                self.seen.add(row["image_id"])
-                newcomers.append(j)
-            reason = error or intervention.eligibility(row, self.age_range)
-            if reason is None and "edit_applied" in row and not isinstance(row["edit_applied"], str):
-                reason = "edit not applied"  # (results of a cfgen before edit_applied: every edit was applied)
-            if reason is not None:
-                counts = self.ineligible.setdefault(intervention.name, {})
-                key = "unreadable" if error else reason
-                counts[key] = counts.get(key, 0) + 1
-                if error:
-                    log.warning("discovery: %s %s: %s", row["image_id"], intervention.name, error)
-                continue
-            eligible.append(j)
-            units.append(intervention.units(row))
-            examples = self.examples.setdefault(intervention.name, [])
-            if len(examples) < self.config.examples and row["seed"] == first_seed:
-                examples.append({"image_id": str(row["image_id"]), "factual": batch["factual"][j].copy(),
-                                 "counterfactual": (batch["factual"][j] + batch["diff"][j]).copy()})
-        if newcomers:
-            columns = [c for c in numbers if not c.startswith(("d__", "p_after__")) and c not in (
-                "edit_name", "edit_applied")]
-            self.population_frames.append(pd.DataFrame({c: np.asarray(batch[c])[newcomers] for c in columns}))
-        if not eligible:
-            return
-        idx = np.asarray(eligible)
-        frame = pd.DataFrame({c: np.asarray(batch[c])[idx] for c in numbers})
-        frame["units"] = units
-        self.frames.append(frame)
-        names, seeds = frame["edit_name"].to_numpy(), frame["seed"].to_numpy()
-        for name in dict.fromkeys(names):
-            mine = idx[names == name]
-            self.means.setdefault(name, PairedPixelAccumulator(self.shape)).update(
-                batch["diff"][mine], batch["factual"][mine])
-            first = idx[(names == name) & (seeds == first_seed)]  # the pixel test counts each subject once
-            if len(first):
-                self.tests.setdefault(name, PairedPixelAccumulator(self.shape)).update(
-                    batch["diff"][first], batch["factual"][first])
+    def __post_init__(self):
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        self.rows = _Spill(str(Path(self.folder) / "rows.parquet"))
+        #: every readable row's factual numbers, eligible or not: the observational baseline's population
+        self.population_rows = _Spill(str(Path(self.folder) / "population.parquet"))
 
-    def subjects(self) -> pd.DataFrame:
-        return subject_table(pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame())
+    def add(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Fold in one reduced batch (`reduce_batch`)."""
+        for blob in batch["partial"]:
+            if not isinstance(blob, (bytes, bytearray)):  # Arrow hands a column of nulls back as NaN
+                continue
+            for name, state in pickle.loads(blob).items():
+                for kind, store in (("means", self.means), ("tests", self.tests)):
+                    own = state[kind] if state[kind] is not None else state["means"]  # None: the same rows
+                    acc = PairedPixelAccumulator.from_dict(own)
+                    if name in store:
+                        store[name].merge(acc)
+                    else:
+                        store[name] = acc
+                shown = self.examples.setdefault(name, [])
+                shown.extend(state["examples"][:max(0, self.config.examples - len(shown))])
+        # a batch whose every reason is missing comes back from Arrow as NaN, not None: only text is a reason
+        reasons = [r if isinstance(r, str) else None for r in batch["skip_reason"]]
+        names = batch["edit_name"]
+        for name, reason in zip(names, reasons):
+            if reason is not None and reason != "not planned":
+                counts = self.ineligible.setdefault(str(name), {})
+                counts[reason] = counts.get(reason, 0) + 1
+        numbers = [c for c in batch if not c.endswith("_uri") and c not in ("read_error", "skip_reason", "partial")]
+        counted = np.array([r is None for r in reasons], dtype=bool)
+        self.rows.append({c: np.asarray(batch[c])[counted] for c in numbers})
+        readable = np.array([not isinstance(e, str) for e in batch["read_error"]], dtype=bool)
+        columns = [c for c in numbers if not c.startswith(("d__", "p_after__")) and c not in (
+            "edit_name", "edit_applied", "units")]
+        self.population_rows.append({c: np.asarray(batch[c])[readable] for c in columns})
+
+    def subjects(self, name: str | None = None) -> pd.DataFrame:
+        """One row per (intervention, subject) of intervention `name` (all when None)."""
+        return subject_table(self.rows.read(where=("edit_name", name) if name else None))
 
     def population(self) -> pd.DataFrame:
-        return pd.concat(self.population_frames, ignore_index=True) if self.population_frames else pd.DataFrame()
+        """Every readable subject once (its first row)."""
+        frame = self.population_rows.read()
+        return frame.drop_duplicates("image_id", ignore_index=True) if not frame.empty else frame
 
 
 def _scalar(value: Any) -> Any:
@@ -197,7 +319,8 @@ def _scalar(value: Any) -> Any:
 
 
 def stream_subjects(job: JobConfig, results_uri: str, interventions: Sequence[Intervention]) -> _Reduction:
-    """Read the generation rows of `interventions` once, through `RegionStage` tasks, into a `_Reduction`."""
+    """Read the generation rows of `interventions` once, through `RegionStage` actors that reduce each batch to
+    numbers and pixel accumulators, into a `_Reduction` (the images never reach the driver)."""
     import pyarrow.dataset as pds
     import ray.data
     from ray.data.expressions import col
@@ -218,8 +341,10 @@ def stream_subjects(job: JobConfig, results_uri: str, interventions: Sequence[In
     ds = ds.filter(expr=col("edit_name").is_in(names) & col("seed").is_in(list(job.discovery.seeds)))
     if job.discovery.splits and "split" in schema:
         ds = ds.filter(expr=col("split").is_in(list(job.discovery.splits)))
-    ds = ds.map_batches(RegionStage, fn_constructor_kwargs={"job": job.model_dump(mode="python")},
-                        compute=ray.data.ActorPoolStrategy(size=job.discovery.num_actors), batch_size=64,
+    ds = ds.map_batches(RegionStage, fn_constructor_kwargs={"job": job.model_dump(mode="python"),
+                                                            "interventions": list(interventions)},
+                        compute=ray.data.ActorPoolStrategy(size=job.discovery.num_actors),
+                        batch_size=job.discovery.batch_rows,
                         batch_format="numpy", num_cpus=job.discovery.cpus_per_actor)
     size = job.data.decode.size
     reduction = _Reduction(interventions, job.discovery, tuple(job.edit.age_range), (size, size))
@@ -259,36 +384,50 @@ def region_table(subjects: pd.DataFrame, population: pd.DataFrame, interventions
     """One row per (intervention, region): the paired counterfactual estimate with its bootstrap CI, test and
     effect size; its size per unit of the attribute; the observational slope of the same statistic; and whether
     it is flagged (`verdicts`)."""
-    regions = region_names(config)
-    test_name = "paired-t" if config.test == "t" else "wilcoxon-signed-rank"
     rows, notes = [], []
     for i in interventions:
         mine = subjects[subjects["edit_name"] == i.name] if not subjects.empty else subjects
-        n = len(mine)
-        if n < config.min_subjects:
-            notes.append(f"{i.name}: {n} eligible subjects, fewer than discovery.min_subjects "
-                         f"({config.min_subjects}): no test")
-        x = attribute_value(i.attribute, population[i.attribute]) if i.attribute in population else None
-        for r in regions:
-            record: dict[str, Any] = {"intervention": i.name, "attribute": i.attribute, "region": r,
-                                      "null_control": i.null_control, "unit": i.unit, "test": test_name}
-            if n >= config.min_subjects and f"d__{r}" in mine:
-                d = mine[f"d__{r}"].to_numpy(np.float64)
-                s = paired_summary(d, alpha=config.alpha, test=config.test, n_boot=config.bootstrap, seed=0,
-                                   min_n=config.min_subjects)
-                u = mine["units"].to_numpy(np.float64)
-                per_unit, scale = _per_unit(d, u)
-                record.update(n=s["n"], mean_diff=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
-                              p_value=s["p_value"], effect_size=s["effect_size"], per_unit=per_unit,
-                              per_unit_ci_low=_scaled(s["ci_low"], s["ci_high"], scale)[0],
-                              per_unit_ci_high=_scaled(s["ci_low"], s["ci_high"], scale)[1], reason=s["reason"])
-            else:
-                record.update(n=n, mean_diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
-                              effect_size=np.nan, per_unit=np.nan, per_unit_ci_low=np.nan, per_unit_ci_high=np.nan,
-                              reason=f"too few subjects: {n} < {config.min_subjects}")
-            obs = _observational(x, population.get(f"f__{r}"), i, config)
-            record.update({f"obs_{k}": obs[k] for k in ("slope", "ci_low", "ci_high", "p_value", "n")})
-            rows.append(record)
+        rows += intervention_rows(mine, population, i, config, notes)
+    return finish_region_table(rows, config, notes)
+
+
+def intervention_rows(mine: pd.DataFrame, population: pd.DataFrame, i: Intervention, config: DiscoveryConfig,
+                      notes: list[str]) -> list[dict[str, Any]]:
+    """`region_table`'s rows of one intervention, from its subjects alone (`mine`), before the correction for
+    multiple testing that needs every row."""
+    test_name = "paired-t" if config.test == "t" else "wilcoxon-signed-rank"
+    n = len(mine)
+    if n < config.min_subjects:
+        notes.append(f"{i.name}: {n} eligible subjects, fewer than discovery.min_subjects "
+                     f"({config.min_subjects}): no test")
+    x = attribute_value(i.attribute, population[i.attribute]) if i.attribute in population else None
+    rows = []
+    for r in region_names(config):
+        record: dict[str, Any] = {"intervention": i.name, "attribute": i.attribute, "region": r,
+                                  "null_control": i.null_control, "unit": i.unit, "test": test_name}
+        if n >= config.min_subjects and f"d__{r}" in mine:
+            d = mine[f"d__{r}"].to_numpy(np.float64)
+            s = paired_summary(d, alpha=config.alpha, test=config.test, n_boot=config.bootstrap, seed=0,
+                               min_n=config.min_subjects)
+            u = mine["units"].to_numpy(np.float64)
+            per_unit, scale = _per_unit(d, u)
+            record.update(n=s["n"], mean_diff=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
+                          p_value=s["p_value"], effect_size=s["effect_size"], per_unit=per_unit,
+                          per_unit_ci_low=_scaled(s["ci_low"], s["ci_high"], scale)[0],
+                          per_unit_ci_high=_scaled(s["ci_low"], s["ci_high"], scale)[1], reason=s["reason"])
+        else:
+            record.update(n=n, mean_diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
+                          effect_size=np.nan, per_unit=np.nan, per_unit_ci_low=np.nan, per_unit_ci_high=np.nan,
+                          reason=f"too few subjects: {n} < {config.min_subjects}")
+        obs = _observational(x, population.get(f"f__{r}"), i, config)
+        record.update({f"obs_{k}": obs[k] for k in ("slope", "ci_low", "ci_high", "p_value", "n")})
+        rows.append(record)
+    return rows
+
+
+def finish_region_table(rows: list[dict[str, Any]], config: DiscoveryConfig,
+                        notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Benjamini-Hochberg over every row of the run, then the verdicts."""
     table = pd.DataFrame(rows)
     if table.empty:
         return table, notes
@@ -388,28 +527,34 @@ def attribute_correlations(metadata: pd.DataFrame, attributes: Sequence[str]) ->
 
 
 def summarize(reduction: _Reduction, correlations: pd.DataFrame) -> DiscoveryResult:
-    """The tables and maps of a finished stream."""
+    """The tables and maps of a finished stream, one intervention's subjects in memory at a time; the
+    per-subject table goes to `<reduction.folder>/subjects.parquet` (`DiscoveryResult.subjects_path`)."""
     config = reduction.config
-    subjects = reduction.subjects()
     population = reduction.population()
-    regions, notes = region_table(subjects, population, reduction.interventions, config)
+    subjects = _Spill(str(Path(reduction.folder) / "subjects.parquet"))
+    rows, entangled, notes, eligibility = [], [], [], {}
+    for i in reduction.interventions:
+        mine = reduction.subjects(i.name)
+        rows += intervention_rows(mine, population, i, config, notes)
+        entangled.append(entanglement_table(mine, [i], correlations, config))
+        subjects.append({c: mine[c].to_numpy() for c in mine.columns})
+        eligibility[i.name] = {"eligible_subjects": len(mine), **reduction.ineligible.get(i.name, {})}
+        unreadable = reduction.ineligible.get(i.name, {}).get("unreadable", 0)
+        if unreadable:
+            notes.append(f"{i.name}: {unreadable} rows could not be read (see the job log)")
+    del population
+    regions, notes = finish_region_table(rows, config, notes)
+    subjects.close()
     maps = {}
     for name, acc in reduction.tests.items():
         test = acc.result(config.alpha)
         mean = reduction.means[name].result(config.alpha)
         maps[name] = {**test, "mean": mean["mean"], "mean_factual": mean.get("mean_factual"), "n": test["n"],
                       "n_rows": mean["n"]}
-    eligibility = {}
-    for i in reduction.interventions:
-        n = int((subjects["edit_name"] == i.name).sum()) if not subjects.empty else 0
-        eligibility[i.name] = {"eligible_subjects": n, **reduction.ineligible.get(i.name, {})}
-        unreadable = reduction.ineligible.get(i.name, {}).get("unreadable", 0)
-        if unreadable:
-            notes.append(f"{i.name}: {unreadable} rows could not be read (see the job log)")
-    return DiscoveryResult(regions=regions, entanglement=entanglement_table(subjects, reduction.interventions,
-                                                                            correlations, config),
-                           maps=maps, examples=reduction.examples, eligibility=eligibility, subjects=subjects,
-                           notes=notes)
+    frames = [e for e in entangled if not e.empty]
+    return DiscoveryResult(regions=regions, entanglement=pd.concat(frames, ignore_index=True) if frames else
+                           pd.DataFrame(), maps=maps, examples=reduction.examples, eligibility=eligibility,
+                           subjects_path=subjects.path if subjects.rows else None, notes=notes)
 
 
 def to_json(result: DiscoveryResult) -> dict[str, Any]:

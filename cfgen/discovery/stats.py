@@ -201,6 +201,8 @@ class PairedPixelAccumulator:
         d = np.asarray(diffs, dtype=np.float64)
         if d.shape[1:] != self.shape:
             raise ValueError(f"difference maps must be [batch, {', '.join(map(str, self.shape))}], got {d.shape}")
+        if not len(d):  # an empty batch (e.g. no row of the first seed in it) adds nothing
+            return self
         keep = np.isfinite(d).reshape(len(d), -1).all(axis=1)
         self.n_dropped += int(np.count_nonzero(~keep))
         if factual is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,15 +85,22 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
                  written.images_skipped)
     results_uri = join_uri(generated, "results")
     reduction = stream_subjects(job, results_uri, interventions)
-    attributes = sorted({i.attribute for i in interventions} | set(job.classifier.attributes))
-    correlations = attribute_correlations(training_metadata(job, decoded_uri, attributes), attributes)
-    result = summarize(reduction, correlations)
-    summary = to_json(result)
-    for name, frame in (("regions", result.regions), ("entanglement", result.entanglement),
-                        ("subjects", result.subjects)):
-        _write_table(frame, join_uri(out, f"{name}.parquet"), job)
-        if name != "subjects":
+    try:
+        attributes = sorted({i.attribute for i in interventions} | set(job.classifier.attributes))
+        correlations = attribute_correlations(training_metadata(job, decoded_uri, attributes), attributes)
+        result = summarize(reduction, correlations)
+        summary = to_json(result)
+        for name, frame in (("regions", result.regions), ("entanglement", result.entanglement)):
+            _write_table(frame, join_uri(out, f"{name}.parquet"), job)
             write_bytes(join_uri(out, f"{name}.csv"), frame.to_csv(index=False).encode(), job.storage)
+        if result.subjects_path:  # written by the analysis one intervention at a time; copied as it is, streamed
+            import pyarrow.fs as pafs
+
+            fs, path = pyarrow_filesystem(join_uri(out, "subjects.parquet"), job.storage)
+            pafs.copy_files(result.subjects_path, path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+    finally:
+        shutil.rmtree(reduction.folder, ignore_errors=True)  # the analysis' local spills
     write_bytes(join_uri(out, "discovery.json"), json.dumps(summary, indent=1, default=str).encode(), job.storage)
     meta = {"title": "cfgen discovery", "model_uri": model_uri, "method": job.edit.method,
             "steps": job.edit.num_inference_steps, "composite": job.edit.composite, "alpha": job.discovery.alpha,
