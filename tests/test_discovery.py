@@ -231,7 +231,7 @@ def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lung
     assert list(reduced["skip_reason"]) == [None, "unreadable", "already smoking=1"]
     assert reduced["partial"][0] is not None and all(p is None for p in reduced["partial"][1:])
 
-    reduction = _Reduction([smoking], job.discovery, (0, 120), (64, 64), folder=str(tmp_path / "spill"))
+    reduction = _Reduction([smoking], job.discovery, folder=str(tmp_path / "spill"))
     reduction.add(reduced)
     assert len(reduction.subjects()) == 1
     assert reduction.ineligible == {"smoking=1": {"unreadable": 1, "already smoking=1": 1}}
@@ -252,7 +252,7 @@ def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lung
 
     # Arrow hands a batch's column of nothing but missing reasons back as NaN: those rows count, none is a reason
     only_a = {k: v[:1] for k, v in reduced.items()}
-    fresh = _Reduction([smoking], job.discovery, (0, 120), (64, 64), folder=str(tmp_path / "spill2"))
+    fresh = _Reduction([smoking], job.discovery, folder=str(tmp_path / "spill2"))
     fresh.add({**only_a, "skip_reason": np.array([np.nan], dtype=np.float32)})
     assert fresh.ineligible == {} and len(fresh.subjects()) == 1 and fresh.means["smoking=1"].n == 1
 

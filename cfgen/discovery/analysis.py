@@ -117,13 +117,13 @@ class RegionStage:
 
 
 def reduce_batch(measured: Mapping[str, np.ndarray], interventions: Sequence[Intervention], config: DiscoveryConfig,
-                 age_range: tuple[float, float], examples_left: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                 age_range: tuple[float, float], examples_left: dict[str, int]) -> dict[str, np.ndarray]:
     """A measured batch (`RegionStage.measure`) -> its numbers only: per row `skip_reason` (None: the row counts;
     "unreadable" or the intervention's reason otherwise; "not planned" for another edit) and `units`, and in
     the first row's `partial` the batch's pixel accumulators (every counted row's difference map, and the first
     seed's alone for the pixel test, which counts each subject once: None where those are the same rows) and
-    example images, at most `examples_left[name]` (decremented; default `config.examples`). Row-local, so any
-    worker can reduce any batch."""
+    example images, at most `examples_left[name]` (decremented: what this worker may still send). Row-local, so
+    any worker can reduce any batch."""
     by_name = {i.name: i for i in interventions}
     first_seed = config.seeds[0]
     images = ("diff", "factual")
@@ -135,7 +135,7 @@ def reduce_batch(measured: Mapping[str, np.ndarray], interventions: Sequence[Int
     for j in range(n):
         row = {c: _scalar(out[c][j]) for c in scalars}
         intervention = by_name.get(row.get("edit_name"))
-        error = out["read_error"][j] if isinstance(out["read_error"][j], str) else None  # Arrow: None or NaN
+        error = _text(out["read_error"][j])
         if intervention is None:
             reasons[j] = "not planned"
             continue
@@ -149,18 +149,16 @@ def reduce_batch(measured: Mapping[str, np.ndarray], interventions: Sequence[Int
             units[j] = intervention.units(row)
     counted = np.array([r is None for r in reasons], dtype=bool)
     names, seeds = out["edit_name"], out.get("seed", np.full(n, first_seed))
+    shape = measured["diff"].shape[1:]
     partial: dict[str, Any] = {}
     for name in dict.fromkeys(names[counted]):
         mine = counted & (names == name)
         first = mine & (seeds == first_seed)
-        shape = measured["diff"].shape[1:]
         means = PairedPixelAccumulator(shape).update(measured["diff"][mine], measured["factual"][mine])
         tests = None if np.array_equal(first, mine) else PairedPixelAccumulator(shape).update(
             measured["diff"][first], measured["factual"][first])
-        left = config.examples if examples_left is None else examples_left.get(name, config.examples)
-        shown = np.flatnonzero(first)[:left]
-        if examples_left is not None:
-            examples_left[name] = left - len(shown)
+        shown = np.flatnonzero(first)[:examples_left.get(name, config.examples)]
+        examples_left[name] = examples_left.get(name, config.examples) - len(shown)
         partial[name] = {"means": means.to_dict(), "tests": None if tests is None else tests.to_dict(),
                          "examples": [{"image_id": str(out["image_id"][j]), "factual": measured["factual"][j].copy(),
                                        "counterfactual": (measured["factual"][j] + measured["diff"][j]).copy()}
@@ -223,16 +221,15 @@ class _Spill:
             self.writer.close()
             self.writer = None
 
-    def read(self, columns: Sequence[str] | None = None, where: tuple[str, Any] | None = None) -> pd.DataFrame:
-        """The rows (where `column == value`), `columns` only; an empty frame when nothing was appended."""
+    def read(self, where: tuple[str, Any] | None = None) -> pd.DataFrame:
+        """The rows (where `column == value`); an empty frame when nothing was appended."""
         import pyarrow.parquet as pq
 
         self.close()
         if not self.files:
             return pd.DataFrame()
         filters = [(where[0], "==", where[1])] if where else None
-        wanted = None if columns is None else [c for c in columns if c in self.schema.names]
-        return pq.ParquetDataset(self.files, filters=filters).read(columns=wanted).to_pandas()
+        return pq.ParquetDataset(self.files, filters=filters).read().to_pandas()
 
 
 #: columns spilled as text whatever their values look like (an id column of numbers stays an id)
@@ -258,8 +255,6 @@ class _Reduction:
 
     interventions: Sequence[Intervention]
     config: DiscoveryConfig
-    age_range: tuple[float, float]
-    shape: tuple[int, int]
     folder: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="cfgen-discovery-"))
     tests: dict[str, PairedPixelAccumulator] = field(default_factory=dict)
     means: dict[str, PairedPixelAccumulator] = field(default_factory=dict)
@@ -275,7 +270,7 @@ class _Reduction:
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         """Fold in one reduced batch (`reduce_batch`)."""
         for blob in batch["partial"]:
-            if not isinstance(blob, (bytes, bytearray)):  # Arrow hands a column of nulls back as NaN
+            if not isinstance(blob, (bytes, bytearray)):  # None, or NaN where Arrow read a column of nulls
                 continue
             for name, state in pickle.loads(blob).items():
                 for kind, store in (("means", self.means), ("tests", self.tests)):
@@ -287,8 +282,7 @@ class _Reduction:
                         store[name] = acc
                 shown = self.examples.setdefault(name, [])
                 shown.extend(state["examples"][:max(0, self.config.examples - len(shown))])
-        # a batch whose every reason is missing comes back from Arrow as NaN, not None: only text is a reason
-        reasons = [r if isinstance(r, str) else None for r in batch["skip_reason"]]
+        reasons = [_text(r) for r in batch["skip_reason"]]
         names = batch["edit_name"]
         for name, reason in zip(names, reasons):
             if reason is not None and reason != "not planned":
@@ -297,7 +291,7 @@ class _Reduction:
         numbers = [c for c in batch if not c.endswith("_uri") and c not in ("read_error", "skip_reason", "partial")]
         counted = np.array([r is None for r in reasons], dtype=bool)
         self.rows.append({c: np.asarray(batch[c])[counted] for c in numbers})
-        readable = np.array([not isinstance(e, str) for e in batch["read_error"]], dtype=bool)
+        readable = np.array([_text(e) is None for e in batch["read_error"]], dtype=bool)
         columns = [c for c in numbers if not c.startswith(("d__", "p_after__")) and c not in (
             "edit_name", "edit_applied", "units")]
         self.population_rows.append({c: np.asarray(batch[c])[readable] for c in columns})
@@ -310,6 +304,12 @@ class _Reduction:
         """Every readable subject once (its first row)."""
         frame = self.population_rows.read()
         return frame.drop_duplicates("image_id", ignore_index=True) if not frame.empty else frame
+
+
+def _text(value: Any) -> str | None:
+    """A text cell or None: Arrow hands a missing string back as None, or as NaN when the batch's whole column is
+    missing, so only text counts as a value."""
+    return value if isinstance(value, str) else None
 
 
 def _scalar(value: Any) -> Any:
@@ -346,8 +346,7 @@ def stream_subjects(job: JobConfig, results_uri: str, interventions: Sequence[In
                         compute=ray.data.ActorPoolStrategy(size=job.discovery.num_actors),
                         batch_size=job.discovery.batch_rows,
                         batch_format="numpy", num_cpus=job.discovery.cpus_per_actor)
-    size = job.data.decode.size
-    reduction = _Reduction(interventions, job.discovery, tuple(job.edit.age_range), (size, size))
+    reduction = _Reduction(interventions, job.discovery)
     for batch in ds.iter_batches(batch_size=job.discovery.batch_rows, batch_format="numpy"):
         reduction.add(batch)
     return reduction
