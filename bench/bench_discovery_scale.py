@@ -111,7 +111,7 @@ def measure(results_uri: str) -> dict[str, float]:
     sampler.start()
     started = time.time()
     reduction = stream_subjects(job, results_uri, plan(job))
-    streamed_s, after_stream = time.time() - started, rollup().get("Anonymous", 0)
+    streamed_s, after_stream, stream_peak = time.time() - started, rollup().get("Anonymous", 0), peaks["anon"]
     result = summarize(reduction, __import__("pandas").DataFrame())
     done.set()
     sampler.join(5)
@@ -119,7 +119,8 @@ def measure(results_uri: str) -> dict[str, float]:
     lungs = result.regions.set_index("region").loc["lungs"]
     return {"rows": int(lungs["n"]), "seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_anon_mb": round(peaks["anon"] / 2**20, 1), "peak_shmem_mb": round(peaks["shmem"] / 2**20, 1),
+            "peak_anon_mb": round(peaks["anon"] / 2**20, 1), "peak_anon_stream_mb": round(stream_peak / 2**20, 1),
+            "peak_shmem_mb": round(peaks["shmem"] / 2**20, 1),
             "peak_workers_rss_mb": round(peaks["workers"] / 2**20, 1),
             # what the driver holds once every row is read (the per-subject table the paired statistics need),
             # and after the summary; the peak above also has the batches and buffers in flight
@@ -142,9 +143,9 @@ def main() -> None:
         folder = Path(tmp)
         pairs = make_pairs(folder)
         print("| result rows | seconds | rows/s | driver peak RSS (MB) | driver's own (anonymous) peak (MB) "
-              "| driver's own after the stream (MB) | object-store pages mapped, peak (MB) "
-              "| Ray workers' RSS, peak (MB) | lungs mean diff |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| of it while streaming (MB) | driver's own after the stream (MB) | after the summary (MB) "
+              "| object-store pages mapped, peak (MB) | Ray workers' RSS, peak (MB) | lungs mean diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         measured = []
         for n in args.rows:
             uri = write_results(folder, pairs, n)
@@ -152,7 +153,8 @@ def main() -> None:
                                  check=True).stdout.strip().splitlines()[-1]
             m = json.loads(out)
             print(f"| {m['rows']:,} | {m['seconds']} | {m['rows'] / m['seconds']:.0f} | {m['peak_rss_mb']} "
-                  f"| {m['peak_anon_mb']} | {m['anon_after_stream_mb']} | {m['peak_shmem_mb']} "
+                  f"| {m['peak_anon_mb']} | {m['peak_anon_stream_mb']} | {m['anon_after_stream_mb']} "
+                  f"| {m['anon_after_summary_mb']} | {m['peak_shmem_mb']} "
                   f"| {m['peak_workers_rss_mb']} "
                   f"| {m['lungs_mean_diff']:.4f} |",
                   flush=True)

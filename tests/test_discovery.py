@@ -193,6 +193,45 @@ def test_a_subjects_seeds_are_averaged_into_one_observation():
     assert len(table) == 1 and table.loc[0, "d__lungs"] == pytest.approx(0.2) and table.loc[0, "n_seeds"] == 2
 
 
+
+def test_a_large_spill_is_read_in_slices_that_keep_each_subjects_seeds_together(tmp_path, monkeypatch):
+    """Summarising reads the spill a slice at a time (hash-partitioned by subject) once it exceeds GROUP_ROWS;
+    the statistics must come out the same as from one read, and no subject's seeds may land in two slices."""
+    import cfgen.discovery.analysis as analysis
+
+    rng = np.random.default_rng(3)
+    smoking = Intervention("smoking", 1)
+
+    def filled(folder: str) -> _Reduction:
+        reduction = _Reduction([smoking], DiscoveryConfig(interventions=[{"smoking": 1}], bootstrap=200),
+                               folder=folder)
+        for start in range(0, 600, 100):  # 300 subjects x 2 seeds, their two seeds in different batches
+            ids = np.array([f"s{(start + k) % 300:03d}" for k in range(100)], dtype=object)
+            d = rng.normal(0.05, 0.02, 100)
+            reduction.rows.append({"edit_name": np.array(["smoking=1"] * 100, dtype=object), "image_id": ids,
+                                   "seed": np.full(100, start // 300), "units": np.ones(100), "d__lungs": d,
+                                   "smoking": np.zeros(100)})
+            reduction.population_rows.append({"image_id": ids, "smoking": np.zeros(100),
+                                              "f__lungs": rng.normal(0.5, 0.1, 100)})
+        return reduction
+
+    state = rng.bit_generator.state
+    whole = summarize(filled(str(tmp_path / "whole")), pd.DataFrame())
+    rng.bit_generator.state = state
+    sliced_reduction = filled(str(tmp_path / "sliced"))
+    seen = [frame["image_id"].unique() for frame in sliced_reduction.rows.groups(rows=64)]
+    assert len(seen) >= 5 and sum(len(s) for s in seen) == 300  # several slices, every subject in exactly one
+    monkeypatch.setattr(analysis, "GROUP_ROWS", 64)
+    sliced = summarize(sliced_reduction, pd.DataFrame())
+    assert list(Path(sliced_reduction.folder).glob("*.part*")) == []  # the slices' files are gone
+    a = whole.regions.set_index("region").loc["lungs"]
+    b = sliced.regions.set_index("region").loc["lungs"]
+    assert a["n"] == b["n"] == 300
+    for column in ("mean_diff", "ci_low", "ci_high", "p_value", "obs_slope"):
+        assert b[column] == pytest.approx(a[column], nan_ok=True), column
+    subjects = pd.read_parquet(sliced.subjects_path)
+    assert len(subjects) == 300 and set(subjects["n_seeds"]) == {2}
+
 # ------------------------------------------------------------------------------------------------------ stream
 def test_the_region_stage_measures_a_true_smoking_counterfactual_inside_the_lungs_only(tmp_path):
     from PIL import Image

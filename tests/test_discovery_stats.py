@@ -11,9 +11,12 @@ from scipy import stats as sps
 
 from cfgen.discovery.stats import (
     PairedPixelAccumulator,
+    PairedSummaries,
+    SlopeAccumulator,
     benjamini_hochberg,
     ols_slope,
     paired_summary,
+    subject_keys,
     wilson_interval,
 )
 
@@ -306,3 +309,41 @@ def test_an_empty_batch_adds_nothing_to_the_pixel_accumulator():
     acc = PairedPixelAccumulator((4, 4)).update(np.ones((2, 4, 4)), np.zeros((2, 4, 4)))
     acc.update(np.zeros((0, 4, 4)), np.zeros((0, 4, 4)))
     assert acc.n == 2 and acc.n_factual == 2 and acc.result()["mean"] == pytest.approx(np.ones((4, 4)))
+
+
+def test_streamed_summaries_do_not_depend_on_how_the_subjects_were_sliced_or_ordered():
+    """Discovery folds subjects in slices whose make-up depends on the spill: every statistic must come out the
+    same (the bootstrap's weights are keyed by subject), and equal to the one-shot functions."""
+    rng = np.random.default_rng(21)
+    n = 500
+    keys = subject_keys([f"subject-{i}" for i in range(n)])
+    x = np.column_stack([rng.exponential(1.0, n) - 0.8, rng.normal(0.1, 1.0, n)])
+    x[rng.random(n) < 0.05, 1] = np.nan
+    whole = PairedSummaries(2, n_boot=500, seed=0, keep_values=True).update(x, keys)
+    order = rng.permutation(n)
+    parts = PairedSummaries(2, n_boot=500, seed=0, keep_values=True)
+    for chunk in np.array_split(order, 7):
+        parts.update(x[chunk], keys[chunk])
+    for j in range(2):
+        for test in ("t", "wilcoxon"):
+            a, b = whole.result(j, test=test), parts.result(j, test=test)
+            for k in ("n", "n_dropped_nan", "mean", "sd", "ci_low", "ci_high", "p_value", "effect_size"):
+                assert b[k] == pytest.approx(a[k], rel=1e-9), (j, test, k)
+    assert whole.result(1)["n_dropped_nan"] == int(np.isnan(x[:, 1]).sum()) > 0
+    one = paired_summary(x[:, 0], n_boot=500)
+    assert (one["mean"], one["sd"], one["p_value"]) == pytest.approx(
+        (whole.result(0)["mean"], whole.result(0)["sd"], whole.result(0)["p_value"]))
+    # another subject's key draws other weights: the CI moves, a little
+    other = PairedSummaries(2, n_boot=500, seed=0).update(x, subject_keys([f"s{i}" for i in range(n)])).result(0)
+    assert other["ci_low"] != whole.result(0)["ci_low"]
+    assert other["ci_low"] == pytest.approx(whole.result(0)["ci_low"], abs=0.05)
+
+    age = rng.uniform(20, 80, n)
+    y = np.column_stack([0.01 * age + rng.normal(0, 0.3, n), rng.normal(0, 1, n)])
+    slopes = SlopeAccumulator(2)
+    for chunk in np.array_split(order, 5):
+        slopes.update(age[chunk], y[chunk])
+    for j in range(2):
+        a, b = ols_slope(age, y[:, j], per=10), slopes.result(j, per=10)
+        for k in ("n", "slope", "ci_low", "ci_high", "p_value", "intercept"):
+            assert b[k] == pytest.approx(a[k], rel=1e-9), (j, k)

@@ -4,8 +4,9 @@ The images never gather in one place. Ray Data actors read each row's factual an
 masks, reduce them to region means and fold the batch's difference maps into pixel accumulators (`RegionStage`,
 `reduce_batch`); only numbers reach the driver, which merges the accumulators (`PairedPixelAccumulator`, a few
 [H, W] arrays per intervention) and appends each row's numbers to a local Parquet spill. The statistics then read
-the spill one intervention at a time (`summarize`). So the driver holds a batch of numbers while streaming and
-one intervention's column of subjects while summarising, whatever the number of rows.
+the spill a slice of subjects at a time into mergeable statistics (`summarize`, `InterventionStats`: moments and a
+Poisson bootstrap keyed by subject). So the driver holds a batch of numbers while streaming and a slice while
+summarising, whatever the number of rows.
 
 Every estimate is paired within a subject: the counterfactual minus the factual image of the same patient, the
 subject's seeds averaged first (one subject, one observation). The observational baseline beside it is what a
@@ -19,7 +20,7 @@ import json
 import logging
 import pickle
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ import pandas as pd
 from cfgen.config import DiscoveryConfig, JobConfig
 from cfgen.discovery.plans import Intervention
 from cfgen.discovery.regions import ZONES, region_masks, region_means
-from cfgen.discovery.stats import PairedPixelAccumulator, benjamini_hochberg, ols_slope, paired_summary
+from cfgen.discovery.stats import PairedPixelAccumulator, PairedSummaries, SlopeAccumulator, benjamini_hochberg, \
+    subject_keys
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,16 @@ class DiscoveryResult:
     notes: list[str] = field(default_factory=list)
 
 
+#: columns spilled as text whatever their values look like (an id column of numbers stays an id)
+TEXT_KEYS = ("image_id", "edit_name")
+#: what names one subject of one intervention
+SUBJECT_KEYS = ("edit_name", "image_id")
+#: rows of a spill read at once by `_Spill.groups` (about a megabyte of numbers a slice)
+GROUP_ROWS = 4096
+#: rows a spill writes as one Parquet row group
+SPILL_ROW_GROUP = 8192
+
+
 class _Spill:
     """Rows appended batch by batch to local Parquet files, read back one slice at a time: the driver's memory
     stays that of a batch while the stream runs, whatever the number of rows. A read closes the file being
@@ -195,10 +207,11 @@ class _Spill:
     def __init__(self, path: str):
         self.path, self.writer, self.schema, self.rows = path, None, None, 0
         self.files: list[str] = []
+        self.pending: list[Any] = []  # appended tables not yet written: one row group of up to SPILL_ROW_GROUP
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Append a batch of the first batch's columns (in any order)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = pa.table({c: _arrow_column(v, text=c in TEXT_KEYS) for c, v in columns.items()})
         if not table.num_rows:
@@ -208,15 +221,29 @@ class _Spill:
         if set(table.schema.names) != set(self.schema.names):
             raise ValueError(f"a batch's columns {sorted(table.schema.names)} differ from the first batch's "
                              f"{sorted(self.schema.names)}")
+        self.pending.append(table.select(self.schema.names).cast(self.schema))
+        self.rows += table.num_rows
+        if sum(t.num_rows for t in self.pending) >= SPILL_ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write what is pending as one row group (a row group per small batch would make the file's footer, which
+        every read parses, grow with the batches)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
         if self.writer is None:
             stem = Path(self.path)
             self.files.append(str(stem if not self.files else stem.with_name(f"{stem.stem}-{len(self.files)}"
                                                                              f"{stem.suffix}")))
             self.writer = pq.ParquetWriter(self.files[-1], self.schema)
-        self.writer.write_table(table.select(self.schema.names).cast(self.schema))
-        self.rows += table.num_rows
+        self.writer.write_table(pa.concat_tables(self.pending))
+        self.pending = []
 
     def close(self) -> None:
+        self._flush()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -229,11 +256,50 @@ class _Spill:
         if not self.files:
             return pd.DataFrame()
         filters = [(where[0], "==", where[1])] if where else None
-        return pq.ParquetDataset(self.files, filters=filters).read().to_pandas()
+        # one thread: Arrow's pool threads would each leave freed memory in a malloc arena of their own
+        return pq.ParquetDataset(self.files, filters=filters).read(use_threads=False).to_pandas(use_threads=False)
+
+    def groups(self, where: tuple[str, Any] | None = None, key: str = "image_id",
+               rows: int | None = None) -> Iterator[pd.DataFrame]:
+        """The rows (where `column == value`) in slices of about `rows` rows that never split the rows of one
+        `key`: hash-partitioned through local files next to the spill when there are more, so whoever reads them
+        holds a slice, not the run. One slice, in file order, when the spill is small."""
+        import pyarrow as pa
+        import pyarrow.dataset as pds
+
+        self.close()
+        parts = -(-self.rows // (rows or GROUP_ROWS))
+        if parts <= 1:
+            frame = self.read(where)
+            if not frame.empty:
+                yield frame
+            return
+        data = pds.dataset(self.files, format="parquet")
+        # Arrow IPC streams, not Parquet: an open Parquet writer per slice keeps encoder buffers per column
+        paths = [Path(self.path).with_name(f"{Path(self.path).stem}.part{j}.arrow") for j in range(parts)]
+        writers: dict[int, Any] = {}
+        try:
+            for batch in data.to_batches(filter=pds.field(where[0]) == where[1] if where else None,
+                                         batch_size=8192, use_threads=False):
+                ids = batch.column(key).to_numpy(zero_copy_only=False).astype(object)
+                bucket = pd.util.hash_array(ids) % parts
+                for j in np.unique(bucket).tolist():
+                    if j not in writers:
+                        writers[j] = pa.ipc.new_stream(str(paths[j]), batch.schema)
+                    writers[j].write_batch(batch.filter(pa.array(bucket == j)))
+            for j in sorted(writers):
+                writers.pop(j).close()
+                with pa.ipc.open_stream(str(paths[j])) as reader:
+                    frame = reader.read_all().to_pandas(use_threads=False)
+                paths[j].unlink()
+                yield frame
+        finally:
+            for w in writers.values():
+                w.close()
+            for path in paths:
+                path.unlink(missing_ok=True)
 
 
-#: columns spilled as text whatever their values look like (an id column of numbers stays an id)
-TEXT_KEYS = ("image_id", "edit_name")
 
 
 def _arrow_column(values: np.ndarray, text: bool = False):
@@ -297,13 +363,24 @@ class _Reduction:
         self.population_rows.append({c: np.asarray(batch[c])[readable] for c in columns})
 
     def subjects(self, name: str | None = None) -> pd.DataFrame:
-        """One row per (intervention, subject) of intervention `name` (all when None)."""
-        return subject_table(self.rows.read(where=("edit_name", name) if name else None))
+        """One row per (intervention, subject) of intervention `name` (all when None), ordered by subject (a
+        whole table in memory: `summarize` reads the spill a slice at a time instead)."""
+        return _ordered([subject_table(rows) for rows in self.rows.groups(
+            where=("edit_name", name) if name else None)])
 
     def population(self) -> pd.DataFrame:
-        """Every readable subject once (its first row)."""
-        frame = self.population_rows.read()
-        return frame.drop_duplicates("image_id", ignore_index=True) if not frame.empty else frame
+        """Every readable subject once (its first row), ordered by subject."""
+        return _ordered([frame.drop_duplicates("image_id", ignore_index=True)
+                         for frame in self.population_rows.groups()])
+
+
+def _ordered(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Slices joined in subject order, so the table does not depend on how the spill was sliced."""
+    if not parts:
+        return pd.DataFrame()
+    frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    by = [c for c in SUBJECT_KEYS if c in frame.columns]
+    return frame.sort_values(by, ignore_index=True, kind="stable") if by else frame
 
 
 def _text(value: Any) -> str | None:
@@ -341,6 +418,10 @@ def stream_subjects(job: JobConfig, results_uri: str, interventions: Sequence[In
     ds = ds.filter(expr=col("edit_name").is_in(names) & col("seed").is_in(list(job.discovery.seeds)))
     if job.discovery.splits and "split" in schema:
         ds = ds.filter(expr=col("split").is_in(list(job.discovery.splits)))
+    # one batch per block (streaming, no shuffle): a map task's output is one block, so a results file read as one
+    # block would reach the driver only when all of it was reduced, every batch's accumulators at once, and the
+    # other actors would sit idle
+    ds = ds.repartition(target_num_rows_per_block=job.discovery.batch_rows)
     ds = ds.map_batches(RegionStage, fn_constructor_kwargs={"job": job.model_dump(mode="python"),
                                                             "interventions": list(interventions)},
                         compute=ray.data.ActorPoolStrategy(size=job.discovery.num_actors),
@@ -382,34 +463,107 @@ def region_table(subjects: pd.DataFrame, population: pd.DataFrame, interventions
                  config: DiscoveryConfig) -> tuple[pd.DataFrame, list[str]]:
     """One row per (intervention, region): the paired counterfactual estimate with its bootstrap CI, test and
     effect size; its size per unit of the attribute; the observational slope of the same statistic; and whether
-    it is flagged (`verdicts`)."""
+    it is flagged (`verdicts`). The in-memory form of what `summarize` streams."""
+    slopes = observational_slopes([population], {i.attribute for i in interventions}, config)
     rows, notes = [], []
     for i in interventions:
         mine = subjects[subjects["edit_name"] == i.name] if not subjects.empty else subjects
-        rows += intervention_rows(mine, population, i, config, notes)
+        rows += intervention_rows(InterventionStats(config).update(mine), slopes.get(i.attribute), i, config,
+                                  notes)
     return finish_region_table(rows, config, notes)
 
 
-def intervention_rows(mine: pd.DataFrame, population: pd.DataFrame, i: Intervention, config: DiscoveryConfig,
-                      notes: list[str]) -> list[dict[str, Any]]:
-    """`region_table`'s rows of one intervention, from its subjects alone (`mine`), before the correction for
-    multiple testing that needs every row."""
+class InterventionStats:
+    """One intervention's statistics, folded in one slice of its subject table (`subject_table`) at a time:
+    the paired region differences with the units they moved by, and the classifier's shift of every head. What
+    it keeps does not grow with the subjects (`PairedSummaries`)."""
+
+    def __init__(self, config: DiscoveryConfig):
+        self.config, self.regions, self.n = config, region_names(config), 0
+        self.present: set[str] = set()
+        self.paired = PairedSummaries(len(self.regions), config.bootstrap, seed=0,
+                                      keep_values=config.test == "wilcoxon")
+        self.units = _PerUnit(len(self.regions))
+        self.heads: list[str] | None = None
+        self.shifts: PairedSummaries | None = None
+
+    def update(self, subjects: pd.DataFrame) -> InterventionStats:
+        if subjects.empty:
+            return self
+        keys = subject_keys(subjects["image_id"])
+        self.present |= {r for r in self.regions if f"d__{r}" in subjects}
+        d = np.column_stack([_floats(subjects, f"d__{r}") for r in self.regions])
+        self.paired.update(d, keys)
+        self.units.update(d, _floats(subjects, "units"))
+        if self.heads is None:
+            self.heads = sorted(c.removeprefix("p_after__") for c in subjects.columns if c.startswith("p_after__"))
+            self.shifts = PairedSummaries(len(self.heads), self.config.bootstrap, seed=0) if self.heads else None
+        if self.shifts is not None:
+            self.shifts.update(np.column_stack([_floats(subjects, f"p_after__{h}") - _floats(subjects, f"p_before__{h}")
+                                                for h in self.heads]), keys)
+        self.n += len(subjects)
+        return self
+
+
+def _floats(frame: pd.DataFrame, column: str) -> np.ndarray:
+    return frame[column].to_numpy(np.float64) if column in frame else np.full(len(frame), np.nan)
+
+
+class _PerUnit:
+    """The change per unit of the attribute (least squares through the origin, d ~ b u) per column and, where
+    every subject moved by the same units (a binary do() or a fixed shift), the factor that turns the mean's CI
+    into b's; streamed as sums and the range of u."""
+
+    def __init__(self, columns: int):
+        self.du, self.uu = np.zeros(columns), np.zeros(columns)
+        self.low, self.high = np.full(columns, np.inf), np.full(columns, -np.inf)
+
+    def update(self, d: np.ndarray, u: np.ndarray) -> None:
+        ok = ~np.isnan(d) & ~np.isnan(u)[:, None]
+        us = np.where(ok, u[:, None], 0.0)
+        self.du += np.sum(np.where(ok, d, 0.0) * us, axis=0)
+        self.uu += np.sum(us**2, axis=0)
+        self.low = np.minimum(self.low, np.where(ok, u[:, None], np.inf).min(axis=0))
+        self.high = np.maximum(self.high, np.where(ok, u[:, None], -np.inf).max(axis=0))
+
+    def result(self, j: int) -> tuple[float, float]:
+        if self.uu[j] == 0:  # no pair, or nobody moved
+            return float("nan"), float("nan")
+        same = np.isclose(self.high[j], self.low[j])
+        return float(self.du[j] / self.uu[j]), (1.0 / float(self.low[j])) if same else float("nan")
+
+
+def observational_slopes(populations: Iterable[pd.DataFrame], attributes: Iterable[str],
+                         config: DiscoveryConfig) -> dict[str, SlopeAccumulator]:
+    """Per attribute, the factual region statistics regressed on it across the population (every readable
+    subject once), folded in one slice of subjects at a time."""
+    regions = region_names(config)
+    slopes: dict[str, SlopeAccumulator] = {}
+    for frame in populations:
+        for a in attributes:
+            if a in frame and not frame.empty:
+                y = np.column_stack([_floats(frame, f"f__{r}") for r in regions])
+                slopes.setdefault(a, SlopeAccumulator(len(regions))).update(
+                    attribute_value(a, frame[a]).to_numpy(np.float64), y)
+    return slopes
+
+
+def intervention_rows(stats: InterventionStats, slopes: SlopeAccumulator | None, i: Intervention,
+                      config: DiscoveryConfig, notes: list[str]) -> list[dict[str, Any]]:
+    """`region_table`'s rows of one intervention, from its folded subjects (`stats`) and the population's
+    slopes on its attribute, before the correction for multiple testing that needs every row."""
     test_name = "paired-t" if config.test == "t" else "wilcoxon-signed-rank"
-    n = len(mine)
+    n = stats.n
     if n < config.min_subjects:
         notes.append(f"{i.name}: {n} eligible subjects, fewer than discovery.min_subjects "
                      f"({config.min_subjects}): no test")
-    x = attribute_value(i.attribute, population[i.attribute]) if i.attribute in population else None
     rows = []
-    for r in region_names(config):
+    for j, r in enumerate(stats.regions):
         record: dict[str, Any] = {"intervention": i.name, "attribute": i.attribute, "region": r,
                                   "null_control": i.null_control, "unit": i.unit, "test": test_name}
-        if n >= config.min_subjects and f"d__{r}" in mine:
-            d = mine[f"d__{r}"].to_numpy(np.float64)
-            s = paired_summary(d, alpha=config.alpha, test=config.test, n_boot=config.bootstrap, seed=0,
-                               min_n=config.min_subjects)
-            u = mine["units"].to_numpy(np.float64)
-            per_unit, scale = _per_unit(d, u)
+        if n >= config.min_subjects and r in stats.present:
+            s = stats.paired.result(j, alpha=config.alpha, test=config.test, min_n=config.min_subjects)
+            per_unit, scale = stats.units.result(j)
             record.update(n=s["n"], mean_diff=s["mean"], ci_low=s["ci_low"], ci_high=s["ci_high"],
                           p_value=s["p_value"], effect_size=s["effect_size"], per_unit=per_unit,
                           per_unit_ci_low=_scaled(s["ci_low"], s["ci_high"], scale)[0],
@@ -418,7 +572,8 @@ def intervention_rows(mine: pd.DataFrame, population: pd.DataFrame, i: Intervent
             record.update(n=n, mean_diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan,
                           effect_size=np.nan, per_unit=np.nan, per_unit_ci_low=np.nan, per_unit_ci_high=np.nan,
                           reason=f"too few subjects: {n} < {config.min_subjects}")
-        obs = _observational(x, population.get(f"f__{r}"), i, config)
+        obs = (slopes.result(j, alpha=config.alpha, min_n=config.min_subjects, per=i.per) if slopes is not None
+               else {"slope": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan, "n": 0})
         record.update({f"obs_{k}": obs[k] for k in ("slope", "ci_low", "ci_high", "p_value", "n")})
         rows.append(record)
     return rows
@@ -463,17 +618,6 @@ def verdicts(table: pd.DataFrame, alpha: float, min_effect: float) -> pd.DataFra
     return table
 
 
-def _per_unit(d: np.ndarray, u: np.ndarray) -> tuple[float, float]:
-    """The change per unit of the attribute (least squares through the origin, d ~ b u) and, where every subject
-    moved by the same units (a binary do() or a fixed shift), the factor that turns the mean's CI into b's."""
-    ok = ~np.isnan(d) & ~np.isnan(u)
-    d, u = d[ok], u[ok]
-    if d.size == 0 or not np.any(u):
-        return float("nan"), float("nan")
-    b = float(np.sum(d * u) / np.sum(u * u))
-    return b, (1.0 / float(u[0])) if np.allclose(u, u[0]) else float("nan")
-
-
 def _scaled(lo: float, hi: float, scale: float) -> tuple[float, float]:
     if np.isnan(scale):
         return float("nan"), float("nan")
@@ -481,41 +625,37 @@ def _scaled(lo: float, hi: float, scale: float) -> tuple[float, float]:
     return (min(a, b), max(a, b))
 
 
-def _observational(x: pd.Series | None, y: pd.Series | None, i: Intervention, config: DiscoveryConfig):
-    if x is None or y is None:
-        return {"slope": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan, "n": 0}
-    out = ols_slope(x.to_numpy(np.float64), y.to_numpy(np.float64), alpha=config.alpha, min_n=config.min_subjects,
-                    per=i.per)
-    return {k: out[k] for k in ("slope", "ci_low", "ci_high", "p_value", "n")}
-
-
 def entanglement_table(subjects: pd.DataFrame, interventions: Sequence[Intervention], correlations: pd.DataFrame,
                        config: DiscoveryConfig) -> pd.DataFrame:
-    """For each intervened A and every attribute B the classifier reads: the mean shift of its reading of B under
+    """`entanglement_rows` of subject tables held in memory."""
+    frames = [entanglement_rows(InterventionStats(config).update(subjects[subjects["edit_name"] == i.name]), i,
+                                correlations, config) for i in interventions] if not subjects.empty else []
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def entanglement_rows(stats: InterventionStats, i: Intervention, correlations: pd.DataFrame,
+                      config: DiscoveryConfig) -> pd.DataFrame:
+    """For intervened A and every attribute B the classifier reads: the mean shift of its reading of B under
     do(A), with a CI, next to the correlation of A and B in the training data. Flagged where the shift is not
     expected (B is neither A nor one of `expected_effects[A]`), its CI excludes 0 and it is at least
     `entanglement_min_shift` (probability; years for age, scaled by 50): the model's counterfactuals move B
     although do(A) should not."""
-    if subjects.empty:
+    if stats.shifts is None:
         return pd.DataFrame()
-    heads = sorted(c.removeprefix("p_after__") for c in subjects.columns if c.startswith("p_after__"))
+    expected = {i.attribute, *config.expected_effects.get(i.attribute, [])}
     rows = []
-    for i in interventions:
-        mine = subjects[subjects["edit_name"] == i.name]
-        expected = {i.attribute, *config.expected_effects.get(i.attribute, [])}
-        for b in heads:
-            shift = (mine[f"p_after__{b}"] - mine[f"p_before__{b}"]).to_numpy(np.float64)
-            s = paired_summary(shift, alpha=config.alpha, n_boot=config.bootstrap, seed=0,
-                               min_n=config.min_subjects)
-            threshold = config.entanglement_min_shift * (50.0 if b == "age" else 1.0)
-            excludes = bool(s["ci_low"] > 0 or s["ci_high"] < 0)
-            corr = correlations.loc[i.attribute, b] if (i.attribute in correlations.index
-                                                         and b in correlations.columns) else np.nan
-            rows.append({"intervened": i.name, "attribute": i.attribute, "other": b, "n": s["n"],
-                         "mean_shift": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
-                         "p_value": s["p_value"], "data_correlation": float(corr), "expected": b in expected,
-                         "null_control": i.null_control,
-                         "flagged": bool(b not in expected and excludes and abs(s["mean"]) >= threshold)})
+    for j, b in enumerate(stats.heads):
+        s = stats.shifts.result(j, alpha=config.alpha, min_n=config.min_subjects)
+        threshold = config.entanglement_min_shift * (50.0 if b == "age" else 1.0)
+        excludes = bool(s["ci_low"] > 0 or s["ci_high"] < 0)
+        corr = correlations.loc[i.attribute, b] if (i.attribute in correlations.index
+                                                     and b in correlations.columns) else np.nan
+        rows.append({"intervened": i.name, "attribute": i.attribute, "other": b, "n": s["n"],
+                     "mean_shift": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+                     "p_value": s["p_value"], "data_correlation": float(corr), "expected": b in expected,
+                     "null_control": i.null_control,
+                     "flagged": bool(b not in expected and excludes and abs(s["mean"]) >= threshold)})
     return pd.DataFrame(rows)
 
 
@@ -526,22 +666,26 @@ def attribute_correlations(metadata: pd.DataFrame, attributes: Sequence[str]) ->
 
 
 def summarize(reduction: _Reduction, correlations: pd.DataFrame) -> DiscoveryResult:
-    """The tables and maps of a finished stream, one intervention's subjects in memory at a time; the
-    per-subject table goes to `<reduction.folder>/subjects.parquet` (`DiscoveryResult.subjects_path`)."""
+    """The tables and maps of a finished stream, read from the spill a slice of subjects at a time (every row of
+    a subject in the same slice) into accumulators that do not grow with the subjects; the per-subject table goes
+    to `<reduction.folder>/subjects.parquet` (`DiscoveryResult.subjects_path`) slice by slice."""
     config = reduction.config
-    population = reduction.population()
+    slopes = observational_slopes((frame.drop_duplicates("image_id") for frame in reduction.population_rows.groups()),
+                                  {i.attribute for i in reduction.interventions}, config)
     subjects = _Spill(str(Path(reduction.folder) / "subjects.parquet"))
     rows, entangled, notes, eligibility = [], [], [], {}
     for i in reduction.interventions:
-        mine = reduction.subjects(i.name)
-        rows += intervention_rows(mine, population, i, config, notes)
-        entangled.append(entanglement_table(mine, [i], correlations, config))
-        subjects.append({c: mine[c].to_numpy() for c in mine.columns})
-        eligibility[i.name] = {"eligible_subjects": len(mine), **reduction.ineligible.get(i.name, {})}
+        stats = InterventionStats(config)
+        for slice_ in reduction.rows.groups(where=("edit_name", i.name)):
+            table = subject_table(slice_)
+            subjects.append({c: table[c].to_numpy() for c in table.columns})
+            stats.update(table)
+        rows += intervention_rows(stats, slopes.get(i.attribute), i, config, notes)
+        entangled.append(entanglement_rows(stats, i, correlations, config))
+        eligibility[i.name] = {"eligible_subjects": stats.n, **reduction.ineligible.get(i.name, {})}
         unreadable = reduction.ineligible.get(i.name, {}).get("unreadable", 0)
         if unreadable:
             notes.append(f"{i.name}: {unreadable} rows could not be read (see the job log)")
-    del population
     regions, notes = finish_region_table(rows, config, notes)
     subjects.close()
     maps = {}

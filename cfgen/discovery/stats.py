@@ -3,12 +3,13 @@
 Each subject contributes one paired difference (counterfactual minus factual, for a region statistic or a whole
 difference map), so the tests here are one-sample tests of "mean difference = 0" on paired data:
 
-- `paired_summary`: one region: mean, bootstrap CI, paired t or Wilcoxon signed-rank p-value, Cohen's d_z.
+- `paired_summary`: one region: mean, bootstrap CI, paired t or Wilcoxon signed-rank p-value, Cohen's d_z;
+  `PairedSummaries` computes it for many regions at once, folded in one slice of subjects at a time.
 - `PairedPixelAccumulator`: every pixel at once, streamed in batches and mergeable across workers, with
   Benjamini-Hochberg control of the false discovery rate over the map.
 - `benjamini_hochberg`: q-values for many tests (pixels, regions, attributes).
 - `ols_slope`: the observational baseline (regress the statistic on the attribute across subjects), which is
-  what one finds without counterfactuals and what confounding can fake.
+  what one finds without counterfactuals and what confounding can fake; `SlopeAccumulator` streams it.
 - `wilson_interval`: proportions such as classifier flip rates.
 
 Bad data (too few subjects, all NaN, no variation) gives NaNs and a `reason`, never an exception; exceptions are
@@ -25,10 +26,14 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-#: Bootstrap resamples are drawn in chunks of at most this many indices (8 MiB of int64, as much again for the
-#: gathered values) so that n = 100,000 subjects with 2,000 resamples does not build a 1.6 GB index matrix; at
-#: 4M elements the chunk was the largest transient of a 100,000-row discovery (bench/RESULTS.md).
-BOOTSTRAP_CHUNK_ELEMENTS = 1 << 20
+#: Bootstrap weights are drawn for at most this many (subject, resample) pairs at a time (2 MiB of float64, about
+#: 10 MiB with the hash's temporaries), so 100,000 subjects with 2,000 resamples never build a 1.6 GB matrix; at
+#: 1M pairs the chunk was the largest transient of a 100,000-row discovery's summary (bench/RESULTS.md).
+BOOTSTRAP_CHUNK_ELEMENTS = 1 << 18
+
+#: P(K <= k) for K ~ Poisson(1), k = 0..19: a uniform draw below entry k is a weight of k
+_POISSON_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(20)])
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 TESTS = {"t": "paired-t", "wilcoxon": "wilcoxon-signed-rank"}
 
@@ -38,37 +43,159 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r} (0.05 gives 95% intervals)")
 
 
-def _bootstrap_means(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """`n_boot` means of resamples of `x` with replacement, drawn in memory-bounded chunks."""
-    n = len(x)
-    rows = max(1, min(n_boot, BOOTSTRAP_CHUNK_ELEMENTS // n))
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, rows):
-        stop = min(n_boot, start + rows)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = x[idx].mean(axis=1)
-    return means
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: uint64 in, well-spread uint64 out (wrapping arithmetic, as the generator's)."""
+    z = z + _GOLDEN  # a new array; the rest works in place
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
-def _bca_interval(x: np.ndarray, boot: np.ndarray, alpha: float) -> tuple[float, float]:
+def subject_keys(ids: Any) -> np.ndarray:
+    """A uint64 key per subject id (its bootstrap weights are drawn from it): a hash of the id's text."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray([str(i) for i in ids], dtype=object))
+
+
+def poisson_weights(keys: Any, n_boot: int, seed: int) -> np.ndarray:
+    """[len(keys), n_boot] Poisson(1) bootstrap weights, each a function of (subject key, resample, seed) alone.
+
+    The Poisson bootstrap (Hanley and MacGibbon 2006; Chamandy et al. 2012) gives each subject an independent
+    Poisson(1) count per resample instead of drawing n subjects with replacement, so a stream can be resampled
+    one slice at a time. Drawing the counts from a hash of the subject's key makes the interval the same however
+    the subjects were sliced, ordered or merged across workers."""
+    resample = _mix(np.arange(n_boot, dtype=np.uint64) ^ _mix(np.array([seed], dtype=np.uint64)))
+    bits = _mix(_mix(np.asarray(keys, dtype=np.uint64))[:, None] ^ resample[None, :])
+    bits >>= np.uint64(11)
+    uniform = bits.astype(np.float64)
+    del bits
+    uniform *= 1.0 / (1 << 53)
+    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.float64)
+
+
+def _bca_interval(n: int, mean: float, ss: float, s3: float, boot: np.ndarray, alpha: float) -> tuple[float, float]:
     """Efron's bias-corrected and accelerated interval of the mean, expanded for small samples.
 
-    The acceleration comes from the jackknife; for the mean the leave-one-out values are
-    mean - (x_i - mean) / (n - 1), so it reduces to the skewness sum below (O(n), no n x n work). The normal
-    quantiles are replaced by sqrt(n / (n - 1)) * t_(n-1) quantiles (Hesterberg's "expanded" bootstrap): a
-    bootstrap of the mean spreads like sd * sqrt((n - 1) / n) / sqrt(n) and so undercovers at small n even on
-    normal data; the expansion vanishes as n grows."""
-    n, mean, b = len(x), x.mean(), len(boot)
+    `ss` and `s3` are the sums of squared and cubed deviations from the mean. The acceleration comes from the
+    jackknife; for the mean the leave-one-out values are mean - (x_i - mean) / (n - 1), so it reduces to
+    s3 / (6 ss^1.5), which a stream can keep. The normal quantiles are replaced by sqrt(n / (n - 1)) * t_(n-1)
+    quantiles (Hesterberg's "expanded" bootstrap): a bootstrap of the mean spreads like
+    sd * sqrt((n - 1) / n) / sqrt(n) and so undercovers at small n even on normal data; the expansion vanishes
+    as n grows."""
+    b = len(boot)
     # Ties count half, and the fraction is kept off 0 and 1 so that z0 stays finite on near-degenerate data.
     below = (np.count_nonzero(boot < mean) + 0.5 * np.count_nonzero(boot == mean)) / b
     z0 = sps.norm.ppf(np.clip(below, 0.5 / b, 1 - 0.5 / b))
-    dev = x - mean
-    ss = np.sum(dev**2)
-    accel = np.sum(dev**3) / (6.0 * ss**1.5) if ss > 0 else 0.0  # ss underflows only for ~1e-160 spreads
+    accel = s3 / (6.0 * ss**1.5) if ss > 0 else 0.0  # ss underflows only for ~1e-160 spreads
     z = np.sqrt(n / (n - 1)) * sps.t.ppf([alpha / 2, 1 - alpha / 2], n - 1)
     levels = sps.norm.cdf(z0 + (z0 + z) / (1 - accel * (z0 + z)))
     low, high = np.quantile(boot, np.clip(levels, 0.0, 1.0))
     return float(low), float(high)
+
+
+class PairedSummaries:
+    """`paired_summary` of several columns (regions, classifier heads) over the same subjects, folded in one
+    slice of subjects at a time and mergeable: what it keeps does not grow with the subjects.
+
+    Per column: the count, mean and the sums of squared and cubed deviations (merged as Chan et al.), the
+    smallest and largest value, and `n_boot` Poisson-bootstrap sums (`poisson_weights`, the same weights for
+    every column of a subject). The Wilcoxon test ranks every value, so only `keep_values` (test "wilcoxon")
+    keeps the values themselves, 8 bytes per subject and column."""
+
+    def __init__(self, columns: int, n_boot: int = 2000, seed: int | None = 0, keep_values: bool = False):
+        if n_boot < 100:
+            raise ValueError(f"n_boot={n_boot} is too few resamples for a CI: use at least 100 (2000 is the "
+                             f"default)")
+        self.n_boot = n_boot
+        self.seed = int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None else int(seed)
+        self.n = np.zeros(columns, dtype=np.int64)
+        self.dropped = np.zeros(columns, dtype=np.int64)
+        self.mean, self.ss, self.s3 = np.zeros(columns), np.zeros(columns), np.zeros(columns)
+        self.low, self.high = np.full(columns, np.inf), np.full(columns, -np.inf)
+        self.boot_sum, self.boot_weight = np.zeros((n_boot, columns)), np.zeros((n_boot, columns))
+        self.values: list[list[np.ndarray]] | None = [[] for _ in range(columns)] if keep_values else None
+
+    def update(self, x: Any, keys: Any) -> PairedSummaries:
+        """Fold in [subjects, columns] values (NaN: missing) of the subjects with uint64 `keys`."""
+        x = np.asarray(x, dtype=np.float64)
+        x = x[:, None] if x.ndim == 1 else x
+        keys = np.asarray(keys, dtype=np.uint64)
+        if x.shape[0] != len(keys) or x.shape[1] != len(self.n):
+            raise ValueError(f"values of shape {x.shape} for {len(keys)} keys and {len(self.n)} columns")
+        finite = np.isfinite(x)
+        self.dropped += np.count_nonzero(~finite, axis=0)
+        nb = np.count_nonzero(finite, axis=0)
+        if not nb.any():
+            return self
+        filled = np.where(finite, x, 0.0)
+        mb = filled.sum(axis=0) / np.maximum(nb, 1)
+        dev = np.where(finite, x - mb, 0.0)
+        ssb, s3b = np.sum(dev**2, axis=0), np.sum(dev**3, axis=0)
+        na, nbf = self.n.astype(np.float64), nb.astype(np.float64)
+        n = np.maximum(na + nbf, 1.0)
+        delta = mb - self.mean
+        self.s3 = (self.s3 + s3b + delta**3 * na * nbf * (na - nbf) / n**2
+                   + 3.0 * delta * (na * ssb - nbf * self.ss) / n)
+        self.ss = self.ss + ssb + delta**2 * na * nbf / n
+        self.mean = self.mean + delta * nbf / n
+        self.n = self.n + nb
+        self.low = np.minimum(self.low, np.where(finite, x, np.inf).min(axis=0))
+        self.high = np.maximum(self.high, np.where(finite, x, -np.inf).max(axis=0))
+        present = finite.astype(np.float64)
+        rows = max(1, BOOTSTRAP_CHUNK_ELEMENTS // self.n_boot)
+        for start in range(0, len(keys), rows):
+            w = poisson_weights(keys[start:start + rows], self.n_boot, self.seed)
+            self.boot_sum += w.T @ filled[start:start + rows]
+            self.boot_weight += w.T @ present[start:start + rows]
+        if self.values is not None:
+            for j, kept in enumerate(self.values):
+                kept.append(x[finite[:, j], j])
+        return self
+
+    def result(self, column: int = 0, *, alpha: float = 0.05, test: str = "t", min_n: int = 3) -> dict[str, Any]:
+        """`paired_summary`'s dict for one column."""
+        if test not in TESTS:
+            raise ValueError(f"unknown test {test!r}: use one of {sorted(TESTS)}")
+        if test == "wilcoxon" and self.values is None:
+            raise ValueError("the Wilcoxon test ranks every value: build PairedSummaries with keep_values=True")
+        _check_alpha(alpha)
+        j, n = column, int(self.n[column])
+        out: dict[str, Any] = {
+            "n": n, "n_dropped_nan": int(self.dropped[j]), "mean": np.nan, "sd": np.nan, "ci_low": np.nan,
+            "ci_high": np.nan, "ci_method": "bootstrap-bca-expanded", "p_value": np.nan, "test": TESTS[test],
+            "effect_size": np.nan, "reason": None,
+        }
+        if n < min_n:
+            out["reason"] = f"too few subjects: {n} < {min_n}"
+            return out
+        mean, ss = float(self.mean[j]), float(self.ss[j])
+        sd = math.sqrt(ss / (n - 1))
+        out.update(mean=mean, sd=sd)
+        low, high = float(self.low[j]), float(self.high[j])
+        if low == high or sd == 0:  # sd == 0 with unequal values: a spread so small that its square underflows
+            # Exactly equal values: the rounding of the running mean must not leak into the CI or a spurious sd.
+            centre = low if low == high else mean
+            out.update(mean=centre, sd=0.0, ci_low=low, ci_high=high, reason="no variation")
+            if centre == 0:
+                out["p_value"] = 1.0
+            return out
+        weight = self.boot_weight[:, j]
+        boot = self.boot_sum[weight > 0, j] / weight[weight > 0]  # a resample that drew nobody has no mean
+        ci_low, ci_high = _bca_interval(n, mean, ss, float(self.s3[j]), boot, alpha)
+        out.update(ci_low=ci_low, ci_high=ci_high, effect_size=mean / sd)
+        if test == "t":
+            t = mean / (sd / math.sqrt(n))
+            out["p_value"] = float(2 * sps.t.sf(abs(t), n - 1))
+        else:
+            try:
+                out["p_value"] = float(sps.wilcoxon(np.concatenate(self.values[j])).pvalue)
+            except ValueError as err:  # scipy refuses some degenerate inputs; that is data, not a caller mistake
+                out["reason"] = f"wilcoxon failed: {err}"
+        return out
 
 
 def paired_summary(
@@ -80,13 +207,16 @@ def paired_summary(
     seed: int | None = 0,
     min_n: int = 3,
 ) -> dict[str, Any]:
-    """Mean paired difference (one value per subject) with a bootstrap CI, a two-sided p-value and d_z.
+    """Mean paired difference (one value per subject) with a bootstrap CI, a two-sided p-value and d_z
+    (`PairedSummaries` of one column, the subjects keyed by position).
 
     The CI is the expanded BCa bootstrap ("bootstrap-bca-expanded", see `_bca_interval`), chosen on measured
     coverage of a nominal 95% interval at n = 40 over 6,000 draws (normal / exponential / lognormal sigma 0.5):
     expanded BCa 0.941 / 0.938 / 0.942, plain BCa 0.932 / 0.927 / 0.930, percentile 0.932 / 0.921 / 0.931
     (Monte Carlo SE about 0.003). At n = 100-200 all three are within about 0.01 of 0.95 on these; heavy skew
-    (lognormal sigma 1) makes every one undercover (about 0.90 at n = 40, 0.93 at n = 200).
+    (lognormal sigma 1) makes every one undercover (about 0.90 at n = 40, 0.93 at n = 200). Those figures were
+    measured with resampling by index; with the keyed Poisson weights that replaced it (so that discovery can
+    stream) the expanded BCa covers 0.946 / 0.944 / 0.941 on the same three cases (6,000 draws, 2,000 resamples).
 
     `test` is "t" (paired t) or "wilcoxon" (signed-rank, zeros dropped: it tests symmetry about 0, while the CI
     is still that of the mean).
@@ -95,49 +225,14 @@ def paired_summary(
     touches) are a definite non-finding: p = 1, CI [0, 0]. All-equal nonzero differences have no sampling
     variation to test against: p and d_z are NaN, the CI is the constant. Both carry reason "no variation".
     """
-    if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}: use one of {sorted(TESTS)}")
-    _check_alpha(alpha)
-    if n_boot < 100:
-        raise ValueError(f"n_boot={n_boot} is too few resamples for a CI: use at least 100 (2000 is the default)")
     if min_n < 2:
         raise ValueError(f"min_n={min_n}: a paired test needs at least 2 subjects")
     x = np.asarray(diffs, dtype=np.float64)
     if x.ndim > 1:
         raise ValueError(f"diffs must be one value per subject (1-D), got shape {x.shape}")
-    x = x.ravel()
-    finite = np.isfinite(x)
-    x = x[finite]
-    n = len(x)
-    out: dict[str, Any] = {
-        "n": n, "n_dropped_nan": int(np.count_nonzero(~finite)), "mean": np.nan, "sd": np.nan,
-        "ci_low": np.nan, "ci_high": np.nan, "ci_method": "bootstrap-bca-expanded", "p_value": np.nan,
-        "test": TESTS[test], "effect_size": np.nan, "reason": None,
-    }
-    if n < min_n:
-        out["reason"] = f"too few subjects: {n} < {min_n}"
-        return out
-    mean, sd = float(x.mean()), float(x.std(ddof=1))
-    out.update(mean=mean, sd=sd)
-    if np.ptp(x) == 0 or sd == 0:  # sd == 0 with unequal values: a spread so small that its square underflows
-        # Exactly equal values: the rounding of x.mean() must not leak into the CI or a spurious tiny sd.
-        centre = float(x[0]) if np.ptp(x) == 0 else mean
-        out.update(mean=centre, sd=0.0, ci_low=float(x.min()), ci_high=float(x.max()), reason="no variation")
-        if centre == 0:
-            out["p_value"] = 1.0
-        return out
-    boot = _bootstrap_means(x, n_boot, np.random.default_rng(seed))
-    low, high = _bca_interval(x, boot, alpha)
-    out.update(ci_low=low, ci_high=high, effect_size=mean / sd)
-    if test == "t":
-        t = mean / (sd / np.sqrt(n))
-        out["p_value"] = float(2 * sps.t.sf(abs(t), n - 1))
-    else:
-        try:
-            out["p_value"] = float(sps.wilcoxon(x).pvalue)
-        except ValueError as err:  # scipy refuses some degenerate inputs; that is data, not a caller mistake
-            out["reason"] = f"wilcoxon failed: {err}"
-    return out
+    summaries = PairedSummaries(1, n_boot, seed, keep_values=test == "wilcoxon")
+    return summaries.update(x.ravel(), np.arange(x.size, dtype=np.uint64)).result(0, alpha=alpha, test=test,
+                                                                                  min_n=min_n)
 
 
 def benjamini_hochberg(p_values: Any, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -292,32 +387,79 @@ def ols_slope(
     xa, ya = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if xa.shape != ya.shape:
         raise ValueError(f"x and y must have one value per subject each, got {xa.shape} and {ya.shape}")
-    finite = np.isfinite(xa) & np.isfinite(ya)
-    xa, ya = xa[finite], ya[finite]
-    n = len(xa)
-    out: dict[str, Any] = {"n": n, "n_dropped_nan": int(np.count_nonzero(~finite)), "slope": np.nan,
-                           "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan, "intercept": np.nan,
-                           "per": per, "reason": None}
-    if n < min_n:
-        out["reason"] = f"too few subjects: {n} < {min_n}"
+    return SlopeAccumulator(1).update(xa, ya[:, None]).result(0, alpha=alpha, min_n=min_n, per=per)
+
+
+class SlopeAccumulator:
+    """`ols_slope` of several columns y (regions) on one attribute x, folded in one slice of subjects at a time:
+    counts, means, (co-)sums of squared deviations merged as Chan et al., and each variable's range."""
+
+    def __init__(self, columns: int):
+        zeros = lambda: np.zeros(columns)  # noqa: E731
+        self.n, self.dropped = np.zeros(columns, dtype=np.int64), np.zeros(columns, dtype=np.int64)
+        self.mx, self.my, self.sxx, self.syy, self.sxy = zeros(), zeros(), zeros(), zeros(), zeros()
+        self.xlow, self.xhigh = np.full(columns, np.inf), np.full(columns, -np.inf)
+        self.ylow, self.yhigh = np.full(columns, np.inf), np.full(columns, -np.inf)
+
+    def update(self, x: Any, y: Any) -> SlopeAccumulator:
+        """Fold in one value of x per subject and [subjects, columns] of y (a pair missing either is dropped)."""
+        x = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64)
+        y = y[:, None] if y.ndim == 1 else y
+        if y.shape != (len(x), len(self.n)):
+            raise ValueError(f"y of shape {y.shape} for {len(x)} subjects and {len(self.n)} columns")
+        xs = np.broadcast_to(x[:, None], y.shape)
+        ok = np.isfinite(xs) & np.isfinite(y)
+        self.dropped += np.count_nonzero(~ok, axis=0)
+        nb = np.count_nonzero(ok, axis=0)
+        if not nb.any():
+            return self
+        count = np.maximum(nb, 1)
+        mxb = np.where(ok, xs, 0.0).sum(axis=0) / count
+        myb = np.where(ok, y, 0.0).sum(axis=0) / count
+        dx, dy = np.where(ok, xs - mxb, 0.0), np.where(ok, y - myb, 0.0)
+        na, nbf = self.n.astype(np.float64), nb.astype(np.float64)
+        n = np.maximum(na + nbf, 1.0)
+        ex, ey, f = mxb - self.mx, myb - self.my, na * nbf / n
+        self.sxx = self.sxx + np.sum(dx**2, axis=0) + ex**2 * f
+        self.syy = self.syy + np.sum(dy**2, axis=0) + ey**2 * f
+        self.sxy = self.sxy + np.sum(dx * dy, axis=0) + ex * ey * f
+        self.mx, self.my, self.n = self.mx + ex * nbf / n, self.my + ey * nbf / n, self.n + nb
+        self.xlow = np.minimum(self.xlow, np.where(ok, xs, np.inf).min(axis=0))
+        self.xhigh = np.maximum(self.xhigh, np.where(ok, xs, -np.inf).max(axis=0))
+        self.ylow = np.minimum(self.ylow, np.where(ok, y, np.inf).min(axis=0))
+        self.yhigh = np.maximum(self.yhigh, np.where(ok, y, -np.inf).max(axis=0))
+        return self
+
+    def result(self, column: int = 0, *, alpha: float = 0.05, min_n: int = 3, per: float = 1.0) -> dict[str, Any]:
+        """`ols_slope`'s dict for one column."""
+        _check_alpha(alpha)
+        if min_n < 3:
+            raise ValueError(f"min_n={min_n}: a slope with a CI needs at least 3 subjects (n - 2 residual df)")
+        j, n = column, int(self.n[column])
+        out: dict[str, Any] = {"n": n, "n_dropped_nan": int(self.dropped[j]), "slope": np.nan, "ci_low": np.nan,
+                               "ci_high": np.nan, "p_value": np.nan, "intercept": np.nan, "per": per,
+                               "reason": None}
+        if n < min_n:
+            out["reason"] = f"too few subjects: {n} < {min_n}"
+            return out
+        if self.xlow[j] == self.xhigh[j]:
+            out["reason"] = "attribute does not vary"
+            return out
+        if self.ylow[j] == self.yhigh[j]:
+            out.update(slope=0.0, ci_low=0.0, ci_high=0.0, p_value=1.0, intercept=float(self.ylow[j]),
+                       reason="no variation")
+            return out
+        sxx, sxy = float(self.sxx[j]), float(self.sxy[j])
+        slope = sxy / sxx
+        intercept = float(self.my[j] - slope * self.mx[j])
+        sse = max(float(self.syy[j]) - slope * sxy, 0.0)  # rounding can take an exact fit a hair below 0
+        se = math.sqrt(sse / (n - 2) / sxx)
+        half = float(sps.t.ppf(1 - alpha / 2, n - 2) * se)
+        p = float(2 * sps.t.sf(abs(slope) / se, n - 2)) if se > 0 else 0.0  # an exact fit: no residual noise
+        out.update(slope=slope * per, ci_low=(slope - half) * per, ci_high=(slope + half) * per, p_value=p,
+                   intercept=intercept)
         return out
-    if np.ptp(xa) == 0:
-        out["reason"] = "attribute does not vary"
-        return out
-    if np.ptp(ya) == 0:
-        out.update(slope=0.0, ci_low=0.0, ci_high=0.0, p_value=1.0, intercept=float(ya[0]), reason="no variation")
-        return out
-    dx, dy = xa - xa.mean(), ya - ya.mean()
-    sxx = float(np.sum(dx**2))
-    slope = float(np.sum(dx * dy)) / sxx
-    intercept = float(ya.mean() - slope * xa.mean())
-    sse = float(np.sum((dy - slope * dx) ** 2))
-    se = math.sqrt(sse / (n - 2) / sxx)
-    half = float(sps.t.ppf(1 - alpha / 2, n - 2) * se)
-    p = float(2 * sps.t.sf(abs(slope) / se, n - 2)) if se > 0 else 0.0  # an exact fit: no residual noise
-    out.update(slope=slope * per, ci_low=(slope - half) * per, ci_high=(slope + half) * per, p_value=p,
-               intercept=intercept)
-    return out
 
 
 def wilson_interval(successes: Any, n: Any, alpha: float = 0.05) -> tuple[Any, Any]:
