@@ -126,6 +126,22 @@ def test_the_region_table_flags_the_lungs_and_nothing_outside():
     assert by.loc["lungs", "test"] == "paired-t" and by.loc["lungs", "n"] == 60
 
 
+
+def test_the_wilcoxon_region_table_ranks_every_subject_and_keeps_the_bootstrap_ci():
+    """discovery.test: wilcoxon is the one statistic that keeps values while streaming: its p-value must be
+    scipy's on all the subjects, and its CI the same as the t run's (the CI is of the mean either way)."""
+    from scipy import stats as sps
+
+    config, subjects = _subjects(effect=0.003, seed=4)
+    ranked = config.model_copy(update={"test": "wilcoxon"})
+    t_table, _ = region_table(subjects, subjects, [Intervention("smoking", 1)], config)
+    w_table, _ = region_table(subjects, subjects, [Intervention("smoking", 1)], ranked)
+    t, w = t_table.set_index("region").loc["lungs"], w_table.set_index("region").loc["lungs"]
+    assert w["test"] == "wilcoxon-signed-rank" and w["n"] == 60
+    assert w["p_value"] == pytest.approx(sps.wilcoxon(subjects["d__lungs"]).pvalue)
+    assert w["p_value"] != pytest.approx(t["p_value"])
+    assert (w["ci_low"], w["ci_high"]) == (t["ci_low"], t["ci_high"])
+
 def test_a_small_effect_is_significant_but_not_a_finding_below_the_minimum_effect():
     # 0.004 everywhere in the lungs, n 60, noise 0.01: the CI excludes 0, but not the pre-set margin of 0.01
     config, subjects = _subjects(effect=0.004)
