@@ -204,8 +204,9 @@ class _Spill:
     stays that of a batch while the stream runs, whatever the number of rows. A read closes the file being
     written; a later append starts the next one."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, format: str = "parquet"):
         self.path, self.writer, self.schema, self.rows = path, None, None, 0
+        self.format = format  # "parquet", or "ipc" (Arrow files: no encoder state while writing) for scratch
         self.files: list[str] = []
         self.pending: list[Any] = []  # appended tables not yet written: one row group of up to SPILL_ROW_GROUP
 
@@ -238,7 +239,8 @@ class _Spill:
             stem = Path(self.path)
             self.files.append(str(stem if not self.files else stem.with_name(f"{stem.stem}-{len(self.files)}"
                                                                              f"{stem.suffix}")))
-            self.writer = pq.ParquetWriter(self.files[-1], self.schema)
+            self.writer = (pq.ParquetWriter(self.files[-1], self.schema) if self.format == "parquet"
+                           else pa.ipc.new_file(self.files[-1], self.schema))
         self.writer.write_table(pa.concat_tables(self.pending))
         self.pending = []
 
@@ -257,7 +259,13 @@ class _Spill:
             return pd.DataFrame()
         filters = [(where[0], "==", where[1])] if where else None
         # one thread: Arrow's pool threads would each leave freed memory in a malloc arena of their own
-        return pq.ParquetDataset(self.files, filters=filters).read(use_threads=False).to_pandas(use_threads=False)
+        if self.format == "parquet":
+            return pq.ParquetDataset(self.files, filters=filters).read(use_threads=False).to_pandas(use_threads=False)
+        import pyarrow.dataset as pds
+
+        data = pds.dataset(self.files, format=self.format)
+        return data.to_table(filter=pds.field(where[0]) == where[1] if where else None,
+                             use_threads=False).to_pandas(use_threads=False)
 
     def groups(self, where: tuple[str, Any] | None = None, key: str = "image_id",
                rows: int | None = None) -> Iterator[pd.DataFrame]:
@@ -274,7 +282,7 @@ class _Spill:
             if not frame.empty:
                 yield frame
             return
-        data = pds.dataset(self.files, format="parquet")
+        data = pds.dataset(self.files, format=self.format)
         # Arrow IPC streams, not Parquet: an open Parquet writer per slice keeps encoder buffers per column
         paths = [Path(self.path).with_name(f"{Path(self.path).stem}.part{j}.arrow") for j in range(parts)]
         writers: dict[int, Any] = {}
@@ -329,9 +337,9 @@ class _Reduction:
 
     def __post_init__(self):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
-        self.rows = _Spill(str(Path(self.folder) / "rows.parquet"))
+        self.rows = _Spill(str(Path(self.folder) / "rows.arrow"), format="ipc")
         #: every readable row's factual numbers, eligible or not: the observational baseline's population
-        self.population_rows = _Spill(str(Path(self.folder) / "population.parquet"))
+        self.population_rows = _Spill(str(Path(self.folder) / "population.arrow"), format="ipc")
 
     def add(self, batch: Mapping[str, np.ndarray]) -> None:
         """Fold in one reduced batch (`reduce_batch`)."""
