@@ -3,7 +3,7 @@
 The images never gather in one place. Ray Data actors read each row's factual and counterfactual PNGs and its
 masks, reduce them to region means and fold the batch's difference maps into pixel accumulators (`RegionStage`,
 `reduce_batch`); only numbers reach the driver, which merges the accumulators (`PairedPixelAccumulator`, a few
-[H, W] arrays per intervention) and appends each row's numbers to a local Parquet spill. The statistics then read
+[H, W] arrays per intervention) and appends each row's numbers to a local Arrow spill. The statistics then read
 the spill a slice of subjects at a time into mergeable statistics (`summarize`, `InterventionStats`: moments and a
 Poisson bootstrap keyed by subject). So the driver holds a batch of numbers while streaming and a slice while
 summarising, whatever the number of rows.
@@ -200,7 +200,7 @@ SPILL_ROW_GROUP = 8192
 
 
 class _Spill:
-    """Rows appended batch by batch to local Parquet files, read back one slice at a time: the driver's memory
+    """Rows appended batch by batch to local Parquet or Arrow files, read back one slice at a time: the driver's memory
     stays that of a batch while the stream runs, whatever the number of rows. A read closes the file being
     written; a later append starts the next one."""
 
@@ -324,7 +324,7 @@ def _arrow_column(values: np.ndarray, text: bool = False):
 @dataclass
 class _Reduction:
     """What the driver keeps while streaming: bounded pixel accumulators, a few examples and counts; the numbers
-    of each counted row (no URIs, no images) and of every readable subject go to local Parquet spills in
+    of each counted row (no URIs, no images) and of every readable subject go to local Arrow spills in
     `folder`, read back one intervention at a time by `summarize`."""
 
     interventions: Sequence[Intervention]
