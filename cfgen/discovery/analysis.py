@@ -325,7 +325,7 @@ def _arrow_column(values: np.ndarray, text: bool = False):
 class _Reduction:
     """What the driver keeps while streaming: bounded pixel accumulators, a few examples and counts; the numbers
     of each counted row (no URIs, no images) and of every readable subject go to local Arrow spills in
-    `folder`, read back one intervention at a time by `summarize`."""
+    `folder`, read back a slice of subjects at a time by `summarize`."""
 
     interventions: Sequence[Intervention]
     config: DiscoveryConfig
