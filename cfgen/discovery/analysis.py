@@ -195,7 +195,7 @@ TEXT_KEYS = ("image_id", "edit_name")
 SUBJECT_KEYS = ("edit_name", "image_id")
 #: rows of a spill read at once by `_Spill.groups` (about a megabyte of numbers a slice)
 GROUP_ROWS = 4096
-#: rows a spill writes as one Parquet row group
+#: rows a spill writes at once (a Parquet row group, an Arrow record batch)
 SPILL_ROW_GROUP = 8192
 
 
@@ -252,20 +252,14 @@ class _Spill:
 
     def read(self, where: tuple[str, Any] | None = None) -> pd.DataFrame:
         """The rows (where `column == value`); an empty frame when nothing was appended."""
-        import pyarrow.parquet as pq
+        import pyarrow.dataset as pds
 
         self.close()
         if not self.files:
             return pd.DataFrame()
-        filters = [(where[0], "==", where[1])] if where else None
         # one thread: Arrow's pool threads would each leave freed memory in a malloc arena of their own
-        if self.format == "parquet":
-            return pq.ParquetDataset(self.files, filters=filters).read(use_threads=False).to_pandas(use_threads=False)
-        import pyarrow.dataset as pds
-
-        data = pds.dataset(self.files, format=self.format)
-        return data.to_table(filter=pds.field(where[0]) == where[1] if where else None,
-                             use_threads=False).to_pandas(use_threads=False)
+        return pds.dataset(self.files, format=self.format).to_table(
+            filter=_where(where), use_threads=False).to_pandas(use_threads=False)
 
     def groups(self, where: tuple[str, Any] | None = None, key: str = "image_id",
                rows: int | None = None) -> Iterator[pd.DataFrame]:
@@ -287,8 +281,7 @@ class _Spill:
         paths = [Path(self.path).with_name(f"{Path(self.path).stem}.part{j}.arrow") for j in range(parts)]
         writers: dict[int, Any] = {}
         try:
-            for batch in data.to_batches(filter=pds.field(where[0]) == where[1] if where else None,
-                                         batch_size=8192, use_threads=False):
+            for batch in data.to_batches(filter=_where(where), batch_size=8192, use_threads=False):
                 ids = batch.column(key).to_numpy(zero_copy_only=False).astype(object)
                 bucket = pd.util.hash_array(ids) % parts
                 for j in np.unique(bucket).tolist():
@@ -308,6 +301,13 @@ class _Spill:
                 path.unlink(missing_ok=True)
 
 
+
+
+def _where(where: tuple[str, Any] | None):
+    """`column == value` as an Arrow dataset filter (None: every row)."""
+    import pyarrow.dataset as pds
+
+    return pds.field(where[0]) == where[1] if where else None
 
 
 def _arrow_column(values: np.ndarray, text: bool = False):
@@ -370,16 +370,24 @@ class _Reduction:
             "edit_name", "edit_applied", "units")]
         self.population_rows.append({c: np.asarray(batch[c])[readable] for c in columns})
 
+    def subject_slices(self, name: str | None = None) -> Iterator[pd.DataFrame]:
+        """One row per (intervention, subject) of intervention `name` (all when None), a slice of subjects at a
+        time (`_Spill.groups`: a subject's seeds are never split)."""
+        for rows in self.rows.groups(where=("edit_name", name) if name else None):
+            yield subject_table(rows)
+
+    def population_slices(self) -> Iterator[pd.DataFrame]:
+        """Every readable subject once (its first row), a slice of subjects at a time."""
+        for frame in self.population_rows.groups():
+            yield frame.drop_duplicates("image_id", ignore_index=True)
+
     def subjects(self, name: str | None = None) -> pd.DataFrame:
-        """One row per (intervention, subject) of intervention `name` (all when None), ordered by subject (a
-        whole table in memory: `summarize` reads the spill a slice at a time instead)."""
-        return _ordered([subject_table(rows) for rows in self.rows.groups(
-            where=("edit_name", name) if name else None)])
+        """`subject_slices` as one table ordered by subject (all in memory: `summarize` reads the slices)."""
+        return _ordered(list(self.subject_slices(name)))
 
     def population(self) -> pd.DataFrame:
-        """Every readable subject once (its first row), ordered by subject."""
-        return _ordered([frame.drop_duplicates("image_id", ignore_index=True)
-                         for frame in self.population_rows.groups()])
+        """`population_slices` as one table ordered by subject."""
+        return _ordered(list(self.population_slices()))
 
 
 def _ordered(parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -678,14 +686,12 @@ def summarize(reduction: _Reduction, correlations: pd.DataFrame) -> DiscoveryRes
     a subject in the same slice) into accumulators that do not grow with the subjects; the per-subject table goes
     to `<reduction.folder>/subjects.parquet` (`DiscoveryResult.subjects_path`) slice by slice."""
     config = reduction.config
-    slopes = observational_slopes((frame.drop_duplicates("image_id") for frame in reduction.population_rows.groups()),
-                                  {i.attribute for i in reduction.interventions}, config)
+    slopes = observational_slopes(reduction.population_slices(), {i.attribute for i in reduction.interventions}, config)
     subjects = _Spill(str(Path(reduction.folder) / "subjects.parquet"))
     rows, entangled, notes, eligibility = [], [], [], {}
     for i in reduction.interventions:
         stats = InterventionStats(config)
-        for slice_ in reduction.rows.groups(where=("edit_name", i.name)):
-            table = subject_table(slice_)
+        for table in reduction.subject_slices(i.name):
             subjects.append({c: table[c].to_numpy() for c in table.columns})
             stats.update(table)
         rows += intervention_rows(stats, slopes.get(i.attribute), i, config, notes)

@@ -43,6 +43,15 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r} (0.05 gives 95% intervals)")
 
 
+def _merge_moments(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: Any) -> tuple[Any, Any]:
+    """Chan, Golub & LeVeque's pairwise rule: the mean and M2 (sum of squared deviations) of two sets from each
+    one's count, mean and M2; accurate when the mean is large relative to the spread, as naive sums of squares are
+    not. Counts may be arrays; where both are 0 the first set's moments stay."""
+    n = np.maximum(n_a + n_b, 1)
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta**2 * (n_a * n_b / n)
+
+
 def _mix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: uint64 in, well-spread uint64 out (wrapping arithmetic, as the generator's)."""
     z = z + _GOLDEN  # a new array; the rest works in place
@@ -99,9 +108,9 @@ def _bca_interval(n: int, mean: float, ss: float, s3: float, boot: np.ndarray, a
 
 class PairedSummaries:
     """`paired_summary` of several columns (regions, classifier heads) over the same subjects, folded in one
-    slice of subjects at a time and mergeable: what it keeps does not grow with the subjects.
+    slice of subjects at a time: what it keeps does not grow with the subjects.
 
-    Per column: the count, mean and the sums of squared and cubed deviations (merged as Chan et al.), the
+    Per column: the count, mean and the sums of squared and cubed deviations (`_merge_moments`), the
     smallest and largest value, and `n_boot` Poisson-bootstrap sums (`poisson_weights`, the same weights for
     every column of a subject). The Wilcoxon test ranks every value, so only `keep_values` (test "wilcoxon")
     keeps the values themselves, 8 bytes per subject and column."""
@@ -138,10 +147,10 @@ class PairedSummaries:
         na, nbf = self.n.astype(np.float64), nb.astype(np.float64)
         n = np.maximum(na + nbf, 1.0)
         delta = mb - self.mean
+        # the cubed deviations' share of the pairwise rule, from the moments before the merge
         self.s3 = (self.s3 + s3b + delta**3 * na * nbf * (na - nbf) / n**2
                    + 3.0 * delta * (na * ssb - nbf * self.ss) / n)
-        self.ss = self.ss + ssb + delta**2 * na * nbf / n
-        self.mean = self.mean + delta * nbf / n
+        self.mean, self.ss = _merge_moments(na, self.mean, self.ss, nbf, mb, ssb)
         self.n = self.n + nb
         self.low = np.minimum(self.low, np.where(finite, x, np.inf).min(axis=0))
         self.high = np.maximum(self.high, np.where(finite, x, -np.inf).max(axis=0))
@@ -284,12 +293,8 @@ class PairedPixelAccumulator:
         self.factual_sum = np.zeros(self.shape)
 
     def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
-        n_a = self.n
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (n_a * n_b / n)
-        self.n = n
+        self.mean, self.m2 = _merge_moments(self.n, self.mean, self.m2, n_b, mean_b, m2_b)
+        self.n += n_b
 
     def update(self, diffs: Any, factual: Any = None) -> PairedPixelAccumulator:
         """Add a batch of difference maps [b, H, W] and, optionally, their factual images [b, H, W]."""
@@ -392,7 +397,7 @@ def ols_slope(
 
 class SlopeAccumulator:
     """`ols_slope` of several columns y (regions) on one attribute x, folded in one slice of subjects at a time:
-    counts, means, (co-)sums of squared deviations merged as Chan et al., and each variable's range."""
+    counts, means, (co-)sums of squared deviations (`_merge_moments`), and each variable's range."""
 
     def __init__(self, columns: int):
         zeros = lambda: np.zeros(columns)  # noqa: E731
@@ -419,12 +424,11 @@ class SlopeAccumulator:
         myb = np.where(ok, y, 0.0).sum(axis=0) / count
         dx, dy = np.where(ok, xs - mxb, 0.0), np.where(ok, y - myb, 0.0)
         na, nbf = self.n.astype(np.float64), nb.astype(np.float64)
-        n = np.maximum(na + nbf, 1.0)
-        ex, ey, f = mxb - self.mx, myb - self.my, na * nbf / n
-        self.sxx = self.sxx + np.sum(dx**2, axis=0) + ex**2 * f
-        self.syy = self.syy + np.sum(dy**2, axis=0) + ey**2 * f
-        self.sxy = self.sxy + np.sum(dx * dy, axis=0) + ex * ey * f
-        self.mx, self.my, self.n = self.mx + ex * nbf / n, self.my + ey * nbf / n, self.n + nb
+        self.sxy = self.sxy + np.sum(dx * dy, axis=0) + (mxb - self.mx) * (myb - self.my) * (
+            na * nbf / np.maximum(na + nbf, 1.0))
+        self.mx, self.sxx = _merge_moments(na, self.mx, self.sxx, nbf, mxb, np.sum(dx**2, axis=0))
+        self.my, self.syy = _merge_moments(na, self.my, self.syy, nbf, myb, np.sum(dy**2, axis=0))
+        self.n = self.n + nb
         self.xlow = np.minimum(self.xlow, np.where(ok, xs, np.inf).min(axis=0))
         self.xhigh = np.maximum(self.xhigh, np.where(ok, xs, -np.inf).max(axis=0))
         self.ylow = np.minimum(self.ylow, np.where(ok, y, np.inf).min(axis=0))
