@@ -9,6 +9,10 @@ PRISM's guidance 7.5 and at the config's, ddpm, and ddpm and ddim at guidance 3;
 
 - UNet evaluations per counterfactual, forward and backward (counted by the engine);
 - `cf_error`: mean L1 to the true counterfactual; `identity_error`: the same for doing nothing; their ratio;
+- `floor_ratio` / `sampled_floor_ratio`: the error ratio no edit made from the image and its prompt can beat, where
+  the truth depends on noise the image does not show (which side a new effusion takes): the pixel-wise median of
+  `FLOOR_DRAWS` truths of subjects the data cannot tell apart (`cfgen.phantoms.truth.counterfactual_posterior`), and
+  a single such truth on average (a model that samples them exactly); 0 where the truth is identifiable;
 - the median effect ratio (how much of the true change the edit made where the truth changes);
 - the null edit's SSIM (the method's own reconstruction with the factual prompt, before compositing);
 - the classifier's flip rate (optimistic for the sweep methods: the same classifier chose their setting);
@@ -60,6 +64,8 @@ MAX_EVALUATIONS = 150
 TARGETS = [("cf_error / identity_error", "error_ratio", "<=", 0.5), ("median effect ratio", "effect_ratio", ">=", 0.8),
            ("null-edit SSIM", "null_ssim", ">=", 0.95), ("flip rate", "flip_rate", ">=", 0.8)]
 PEER_TARGET = 1.0
+#: posterior draws per image for the identifiability floor (the median of 64 is within a few % of the exact one)
+FLOOR_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,18 @@ def variants(default_guidance: float) -> list[Variant]:
                            ("ddpm dir3 t0.9 skip0 cm0.5", {"method": "ddpm", "edit_guidance": 3.0,
                                                            "edit_threshold": 0.9, "ddpm_skip": 0.0,
                                                            "change_threshold": 0.5}),
+                           # fresh noise in the implicit mask's noise maps: the model redraws what the edit
+                           # removes instead of the maps holding it
+                           *[(f"ddpm dir3 t0.9 skip0 cm0.5 rn{r:g}", {"method": "ddpm", "edit_guidance": 3.0,
+                                                                      "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                                                                      "change_threshold": 0.5, "edit_renoise": r})
+                             for r in (0.5, 1.0)],
+                           # the change mask grown by hysteresis into connected pixels of large change (lines)
+                           *[(f"ddpm dir3 t0.9 skip0 cm0.5 grow{g:g}{' edited' * edited}",
+                              {"method": "ddpm", "edit_guidance": 3.0, "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                               "change_threshold": 0.5, "change_grow": g,
+                               "change_fill": "edited" if edited else "composite"})
+                             for g in (0.1, 0.25) for edited in (False, True)],
                            # every other attribute held (its direction removed from the edit's), and/or the
                            # change mask filled with the decoded edit itself instead of the composite
                            *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{hold_name}{' edited' * edited}",
@@ -130,6 +148,7 @@ class PhantomSet:
     seeds: list[int]
     truths: list[np.ndarray]  # per edit: float [N,H,W]
     states: list[np.ndarray]  # per edit: the edited attribute's true factual value per image
+    floors: list[np.ndarray]  # per edit: [N, 2] L1 to the truth of the posterior's median and of a single draw
     before: dict[str, np.ndarray]  # the classifier on the inputs
     prompt: Any  # the PromptConfig the prompts were built with
 
@@ -152,7 +171,7 @@ def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
     from cfgen.metrics.effectiveness import target_value
     from cfgen.metrics.image import as_unit_float
     from cfgen.phantoms.scm import PhantomSCM
-    from cfgen.phantoms.truth import true_counterfactual
+    from cfgen.phantoms.truth import counterfactual_posterior, floor_errors, true_counterfactual
     from cfgen.pipeline.generate import confinement_masks, edit_seed
 
     from cfgen.pipeline.workflows import phantom_config_for
@@ -164,16 +183,20 @@ def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
     rows, images = load_test_rows(str(run / "ingest" / "decoded"), n)
     masks, _ = confinement_masks(rows, job.edit, job.data.decode, job.storage)
     truths, states = [], []
+    posteriors = [counterfactual_posterior(scm, r["phantom_index"], EDITS, job.data.decode, FLOOR_DRAWS) for r in rows]
     for edit in EDITS:
         truths.append(np.stack([as_unit_float(true_counterfactual(scm, r["phantom_index"], edit, job.data.decode))
                                 for r in rows]))
         (attr,) = edit
         states.append(np.array([target_value(attr, scm.subject(r["phantom_index"]).attributes()[attr])
                                 for r in rows]))
+    floors = [np.array([floor_errors(truths[k][i], as_unit_float(posteriors[i][k])) for i in range(len(rows))])
+              for k in range(len(EDITS))]
     return PhantomSet(rows=rows, images=images, x=as_unit_float(images), masks=masks,
                       factual_prompts=[r["prompt"] for r in rows],
                       cf_prompts=[[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS],
                       seeds=[edit_seed(r["image_id"], job.edit.seed) for r in rows], truths=truths, states=states,
+                      floors=floors,
                       before=classifier.predict(images), prompt=job.data.prompt)
 
 
@@ -223,6 +246,7 @@ def score_variant(name: str, edit_cfg, edited: dict[str, Any], data: PhantomSet,
         idx = np.flatnonzero(data.states[k] != target_value(attr, value))
         cf_err = float(np.mean([l1(cf[i], truth[i]) for i in idx])) if len(idx) else float("nan")
         id_err = float(np.mean([l1(x[i], truth[i]) for i in idx])) if len(idx) else float("nan")
+        floor_best, floor_sampled = data.floors[k][idx].mean(axis=0) if len(idx) else (float("nan"),) * 2
         effects = [effect_ratio(x[i], cf[i], truth[i]) for i in idx]
         scores = summarize_scores(row_scores(data.before, classifier.predict(cf), edit, data.states[k]))
         rows.append({
@@ -232,6 +256,8 @@ def score_variant(name: str, edit_cfg, edited: dict[str, Any], data: PhantomSet,
             "unet_forward": edited["unet_forward"], "unet_backward": edited["unet_backward"],
             "cf_error": cf_err, "identity_error": id_err,
             "error_ratio": cf_err / id_err if id_err else float("nan"),
+            "floor_ratio": float(floor_best) / id_err if id_err else float("nan"),
+            "sampled_floor_ratio": float(floor_sampled) / id_err if id_err else float("nan"),
             "effect_ratio": float(np.nanmedian(effects)) if np.isfinite(effects).any() else float("nan"),
             "null_ssim": null_ssim, "flip_rate": scores["flip_rate"],
             "max_off_target_shift": scores["max_off_target_shift"],
@@ -261,7 +287,9 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             gap = value - threshold if direction == ">=" else threshold - value  # >= 0 passes
             out.append({"kind": "target", "method": best, "edit": r["edit"], "figure": figure, "value": value,
                         "target": f"{direction} {threshold}", "pass": bool(np.isfinite(gap) and gap >= 0),
-                        "gap": float(gap), "unet_evaluations": cost[best]})
+                        "gap": float(gap), "unet_evaluations": cost[best],
+                        # the best any edit could score on this figure, where the truth is not identifiable
+                        "floor": r["floor_ratio"] if key == "error_ratio" else None})
     return out
 
 
@@ -325,24 +353,25 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def print_tables(edit_rows: list[dict[str, Any]], targets: list[dict[str, Any]], peer_rows: list[dict[str, Any]]):
-    print("| method | edit | n | UNet fwd/cf | bwd/cf | cf error | do-nothing | ratio | median effect | null SSIM | "
-          "flip rate | off-target | cf/s | settings chosen |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | edit | n | UNet fwd/cf | bwd/cf | cf error | do-nothing | ratio | floor best / sampled | "
+          "median effect | null SSIM | flip rate | off-target | cf/s | settings chosen |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in edit_rows:
         chosen = ", ".join(f"{k} x{v}" for k, v in r["settings"].items() if k != "{}")
         print(f"| {r['method']} | {r['edit']} | {r['n']} | {r['unet_forward']:.1f} | {r['unet_backward']:.1f} | "
               f"{_fmt(r['cf_error'], '.4f')} | {_fmt(r['identity_error'], '.4f')} | {_fmt(r['error_ratio'], '.2f')} | "
+              f"{_fmt(r['floor_ratio'], '.2f')} / {_fmt(r['sampled_floor_ratio'], '.2f')} | "
               f"{_fmt(r['effect_ratio'], '.2f')} | {r['null_ssim']:.3f} | {_fmt(r['flip_rate'], '.2f')} | "
               f"{_fmt(r['max_off_target_shift'], '.2f')} | {r['images_per_s']:.2f} | {chosen or '-'} |")
     print()
     if targets:
         print(f"Targets, best variant at <= {MAX_EVALUATIONS} UNet evaluations per counterfactual: "
               f"{targets[0]['method']} ({targets[0]['unet_evaluations']:.0f})")
-        print("| edit | figure | value | target | result | gap |")
-        print("|---|---|---|---|---|---|")
+        print("| edit | figure | value | target | result | gap | best any edit can reach |")
+        print("|---|---|---|---|---|---|---|")
         for t in targets:
             print(f"| {t['edit']} | {t['figure']} | {_fmt(t['value'], '.3f')} | {t['target']} | "
-                  f"{'PASS' if t['pass'] else 'MISS'} | {_fmt(t['gap'], '+.3f')} |")
+                  f"{'PASS' if t['pass'] else 'MISS'} | {_fmt(t['gap'], '+.3f')} | {_fmt(t['floor'], '.3f')} |")
     else:
         print(f"Targets: no variant ran within {MAX_EVALUATIONS} UNet evaluations per counterfactual")
     if peer_rows:
@@ -378,6 +407,9 @@ def main() -> int:
     parser.add_argument("--model", help="diffusers folder to edit with (default: <run>/models/finetuned)")
     parser.add_argument("--methods", nargs="*", help="engine methods (ddim sdedit p2p direct null_text ddpm) or "
                                                      "variant names to run (default: all)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help='a variant of your own: its name and its EditConfig settings over the config\'s, e.g. '
+                             '\'mine={"method": "ddpm", "change_threshold": 0.5}\' (repeatable; runs after --methods)')
     parser.add_argument("--mask-best", type=int, help="run this many of the best composite variants again, "
                                                       "confined to the lung mask (default 3; --quick 1)")
     parser.add_argument("--no-peers", action="store_true", help="leave out the comparison with plain diffusers")
@@ -411,6 +443,11 @@ def main() -> int:
 
     chosen = [v for v in variants(job.edit.guidance_scale) if (v.quick or not args.quick) and (
         not args.methods or v.name in args.methods or v.settings["method"] in args.methods)]
+    if args.variant and args.methods is None:
+        chosen = []  # only the variants asked for
+    for spec in args.variant:
+        name, _, settings = spec.partition("=")
+        chosen.append(Variant(name.strip(), {"composite": True, **json.loads(settings)}, quick=False))
     edit_rows: list[dict[str, Any]] = []
 
     def run_variant(name: str, settings: dict[str, Any]) -> None:

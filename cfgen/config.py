@@ -313,6 +313,9 @@ class EditConfig(_Section):
                                  "eps(factual) (directed editing; 1 with threshold 0 is the plain edit)")
     edit_threshold: float = Field(0.0, ge=0, lt=1, description="ddpm: implicit mask, the quantile of the edit "
                                   "direction's magnitude below which a latent cell is left unedited (0: none)")
+    edit_renoise: float = Field(0.0, ge=0, le=1, description="ddpm, directed: share of fresh noise mixed into "
+                                "the noise maps inside the implicit mask, so the model redraws what the edit "
+                                "removes instead of the maps holding it (0: off)")
     composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
                                               "own pixels wherever the edit changes nothing")
     change_threshold: float = Field(
@@ -322,6 +325,11 @@ class EditConfig(_Section):
                     "Needs composite")
     change_smoothing: int = Field(2, ge=0, le=16, description="pixels the change is smoothed over before the "
                                                              "threshold, and the mask grown and feathered by")
+    change_grow: float = Field(
+        0.0, ge=0, lt=1,
+        description="hysteresis of the change mask: also keep the pixels connected to it whose own (unsmoothed) "
+                    "change reaches this fraction of the image's largest, so a removed line (a lead, a tube) is not "
+                    "thinned out by the smoothing; 0: off. Needs change_threshold")
     change_fill: Literal["composite", "edited"] = Field(
         "composite",
         description="inside the change mask: 'composite' (input + edited - null edit, the input's grain kept) or "
@@ -360,12 +368,14 @@ class EditConfig(_Section):
 
     @model_validator(mode="after")
     def _directed_needs_ddpm(self) -> "EditConfig":
-        if (self.edit_guidance != 1.0 or self.edit_threshold != 0.0) and self.method != "ddpm":
-            raise ValueError(f"edit_guidance / edit_threshold (directed editing) apply to method 'ddpm', not "
-                             f"{self.method!r}")
+        if (self.edit_guidance != 1.0 or self.edit_threshold != 0.0 or self.edit_renoise) and self.method != "ddpm":
+            raise ValueError(f"edit_guidance / edit_threshold / edit_renoise (directed editing) apply to method "
+                             f"'ddpm', not {self.method!r}")
         if self.change_threshold and not self.composite:
             raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: set "
                              "composite: true")
+        if self.change_grow and not self.change_threshold:
+            raise ValueError("change_grow grows the edit's own change mask: set change_threshold too")
         if self.change_fill != "composite" and not self.change_threshold:
             raise ValueError(f"change_fill {self.change_fill!r} says what fills the edit's own change mask: set "
                              "change_threshold too")
@@ -382,11 +392,14 @@ class EditConfig(_Section):
             parts.append(f"skip {self.ddpm_skip:g}")
             if self.edit_guidance != 1.0 or self.edit_threshold:
                 parts.append(f"directed {self.edit_guidance:g}x above the {self.edit_threshold:g} quantile")
+            if self.edit_renoise:
+                parts.append(f"renoise {self.edit_renoise:g}")
             if self.hold:
                 parts.append("holding " + ", ".join(self.hold))
         parts.append(f"composite {self.composite}")
         if self.change_threshold:
-            parts.append(f"change mask {self.change_threshold:g} (fill {self.change_fill})")
+            parts.append(f"change mask {self.change_threshold:g}"
+                         + (f" grown to {self.change_grow:g}" if self.change_grow else "") + f" (fill {self.change_fill})")
         parts.append(f"confine {self.confine}")
         return ", ".join(parts)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cfgen.config import ModelConfig
+from cfgen.config import EditConfig, ModelConfig
 from cfgen.editing.counting import CountingUNet
 from cfgen.editing.ddim import ddim_invert, ddim_sample
 from cfgen.editing.engine import change_mask, counterfactuals, keep_input_outside_change
@@ -118,6 +118,29 @@ def test_the_edit_s_own_change_mask_keeps_the_strong_change_and_drops_the_diffus
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="change_threshold"):
             change_mask(edited, bad)
+
+
+def test_the_grown_change_mask_keeps_a_removed_line_and_still_drops_the_drift():
+    rng = np.random.default_rng(1)
+    change = rng.normal(0, 0.01, (2, 64, 64)).astype(np.float32)  # the drift
+    change[:, 10:16, 40:48] -= 0.8  # a device's box removed ...
+    change[:, 16:50, 41] -= 0.7  # ... and its lead, one pixel wide, running down from it
+    change[:, 55:57, 5:7] -= 0.7  # a bright speck elsewhere, not connected to the box
+    change[1] = 0.0
+    plain = change_mask(change, 0.5, 2)
+    grown = change_mask(change, 0.5, 2, grow=0.25)
+    assert plain[0, 12, 44] == grown[0, 12, 44] == 1.0  # the box, either way
+    assert plain[0, 40, 41] == 0.0 and grown[0, 40, 41] == 1.0  # smoothing thins the lead out; hysteresis keeps it
+    assert grown[0, 56, 6] == 0.0  # a strong pixel that does not connect to the kept change stays out
+    assert grown[0, 30, 20] == 0.0 and grown[0, 60, 60] == 0.0  # so does the drift
+    assert grown[1].max() == 0.0  # no change, no mask
+    assert np.array_equal(change_mask(change[:1], 0.5, 2, grow=0.25), grown[:1])  # per image
+    np.testing.assert_array_equal(change_mask(change, 0.5, 2, grow=0.0), plain)
+    with pytest.raises(ValueError, match="change_grow"):
+        change_mask(change, 0.5, 2, grow=1.0)
+    with pytest.raises(ValueError, match="change_grow"):
+        EditConfig(method="ddpm", change_grow=0.25)  # it grows the change mask: needs one
+    assert "grown to 0.25" in EditConfig(method="ddpm", change_threshold=0.5, change_grow=0.25).describe()
 
 
 def test_change_mask_through_the_engine_and_config_needs_compositing(pipe):

@@ -230,6 +230,33 @@ def test_directed_ddpm_edit_reconstructs_with_the_factual_prompt_and_amplifies_t
     assert (masked - latents).abs().mean() < (amplified - latents).abs().mean()
 
 
+def test_renoising_keeps_the_reconstruction_exact_and_redraws_only_the_masked_cells(pipe):
+    latents = encode_images(pipe, _images(4))
+    cond = encode_prompts(pipe, FACTUAL)
+    noise = torch.randn(5, *latents.shape, generator=torch.Generator().manual_seed(0))
+    fresh = torch.randn(5, *latents.shape, generator=torch.Generator().manual_seed(1))
+    trajectory, maps = ddpm_invert(pipe.unet, pipe.scheduler, latents, cond, noise, 5, None, 1.0, 0.0)
+    renoised = EditDirection(scale=3.0, threshold=0.8, renoise=1.0)
+    # the factual prompt: no direction, so no cell is renoised and the reconstruction stays exact
+    null_edit = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, cond, 5, source=cond, direction=renoised,
+                            fresh=fresh)
+    torch.testing.assert_close(null_edit, latents, atol=1e-4, rtol=0)
+    edit = encode_prompts(pipe, [EDITS[0][0], FACTUAL[1]])  # image 1's edit is its factual prompt
+    kept = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, source=cond,
+                       direction=EditDirection(3.0, 0.8), fresh=fresh)
+    new = ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, source=cond, direction=renoised,
+                      fresh=fresh)
+    torch.testing.assert_close(new[1], latents[1], atol=1e-4, rtol=0)
+    changed = (new[0] - kept[0]).abs().amax(0)
+    assert changed.max() > 0.05  # fresh noise in the masked cells moved the edit
+    with pytest.raises(ValueError, match="fresh noise"):
+        ddpm_sample(pipe.unet, pipe.scheduler, trajectory, maps, edit, 5, source=cond, direction=renoised)
+    with pytest.raises(ValueError, match="share of fresh noise"):
+        EditDirection(3.0, 0.8, renoise=1.5)
+    with pytest.raises(ValueError, match="directed editing"):
+        EditConfig(method="sdedit", edit_renoise=0.5)
+
+
 def test_implicit_mask_keeps_the_top_cells_per_image_whatever_the_batch():
     direction = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     direction[1] *= 10  # another image's scale must not move this image's mask

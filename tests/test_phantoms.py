@@ -131,6 +131,54 @@ def test_do_effusion_leaves_devices_and_do_devices_leaves_effusion():
     assert scm.intervene(s, {"pleural_effusion": 0}).support_devices == 1
 
 
+def test_redraw_takes_the_donors_noise_and_re_solves_the_attributes():
+    scm = PhantomSCM(PhantomConfig(seed=5))
+    s = _find(scm, lambda s: s.smoking == 0)
+    donor = next(i for i in range(1, 5000) if scm.subject(i).noise.z_age != s.noise.z_age)
+    other = scm.redraw(s, ("z_age",), donor)
+    assert other.noise.z_age == scm.subject(donor).noise.z_age
+    assert other.noise.z_smoking == s.noise.z_smoking  # the rest of the noise is the subject's
+    assert other.attributes() == scm._solve(other.noise, {})
+    held = scm.redraw(scm.intervene(s, {"smoking": 1}), ("z_smoking",), donor)
+    assert held.smoking == 1  # an intervention survives the redraw
+
+
+# ------------------------------------------------------------------------------------------ identifiability floor
+def test_a_new_effusions_side_is_unseen_and_bounds_any_edit():
+    from cfgen.config import DecodeConfig
+    from cfgen.phantoms.truth import counterfactual_posterior, floor_errors, true_counterfactual, unseen_noise
+
+    scm, decode = PhantomSCM(PhantomConfig(seed=5, size=64)), DecodeConfig(size=64, dtype="uint8")
+    s = _find(scm, lambda s: s.pleural_effusion == 0 and s.support_devices == 0)
+    hidden = unseen_noise(scm, s.index, decode)
+    assert {"u_effusion_side", "meniscus", "device_x", "lead_bend"} <= set(hidden)  # no fluid, no device to see
+    assert not {"heart_size", "rib_phase", "lung_width", "u_split"} & set(hidden)  # seen, or in the row
+    effusion, devices_on = counterfactual_posterior(scm, s.index, [{"pleural_effusion": 1}, {"support_devices": 1}],
+                                                    decode, draws=24)
+    assert len(effusion) == len(devices_on) == 24
+    truth = true_counterfactual(scm, s.index, {"pleural_effusion": 1}, decode).astype(np.float64) / 255
+    factual = true_counterfactual(scm, s.index, {}, decode).astype(np.float64) / 255
+    # draws differ in where the fluid goes (left, right or both) but never in what the factual image shows
+    halves = np.abs(effusion.astype(np.float64) / 255 - factual).reshape(24, 64, 2, 32).sum(axis=(1, 3)) > 0.5
+    assert halves[:, 0].any() and halves[:, 1].any() and not halves.all()
+    best, sampled = floor_errors(truth, effusion.astype(np.float64) / 255)
+    assert 0 < best <= sampled < np.abs(truth - factual).mean() * 2.5
+    # a device added where none is seen goes wherever its unseen noise puts it: not identifiable either
+    assert len({d.tobytes() for d in devices_on}) > 1
+
+
+def test_removing_a_visible_device_is_identifiable():
+    from cfgen.config import DecodeConfig
+    from cfgen.phantoms.truth import counterfactual_posterior, floor_errors, true_counterfactual
+
+    scm, decode = PhantomSCM(PhantomConfig(seed=5, size=64)), DecodeConfig(size=64, dtype="uint8")
+    s = _find(scm, lambda s: s.support_devices == 1 and s.pleural_effusion == 0)
+    (removed,) = counterfactual_posterior(scm, s.index, [{"support_devices": 0}], decode, draws=8)
+    truth = true_counterfactual(scm, s.index, {"support_devices": 0}, decode)
+    assert all(np.array_equal(d, truth) for d in removed)
+    assert floor_errors(truth / 255.0, removed / 255.0) == (0.0, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------- renderer
 def test_do_support_devices_changes_only_device_pixels(scm):
     s = _find(scm, lambda s: s.support_devices == 1)

@@ -34,6 +34,13 @@ the factual prompt it carried A too (the model's "device" direction adds effusio
 (bench/RESULTS.md). The idea is the negative concept of SEGA/LEDITS++, applied as a projection so that an edit
 that does not move B is left alone. An image whose edit is its factual prompt gets no held rows: its direction is
 zero, and reconstruction stays exact. It costs one UNet row per held attribute per step.
+
+Renoising (`EditDirection.renoise`): inside the implicit mask the noise maps still hold what the edit should take
+away (a removed device's outline is in them, so the sampler redraws part of it). With renoise r, the map of a
+masked cell becomes sqrt(1 - r) z_t + sqrt(r) n_t with fresh noise n_t from the image's own seed: still unit
+variance, less of the image's structure, so the model's prior for the edited prompt fills the masked cells, as
+an inpainting sampler would. Outside the mask, and for a row whose edit is its factual prompt, the maps are kept,
+so reconstruction stays exact. It costs no UNet work.
 """
 
 from __future__ import annotations
@@ -57,16 +64,19 @@ class EditDirection:
 
     scale: float = 1.0
     threshold: float = 0.0
+    renoise: float = 0.0  # share of fresh noise in the masked cells' noise maps (module docstring)
 
     def __post_init__(self):
         if self.scale < 0:
             raise ValueError(f"edit_guidance must be >= 0, got {self.scale}")
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"edit_threshold is a quantile in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.renoise <= 1.0:
+            raise ValueError(f"edit_renoise is a share of fresh noise in [0, 1], got {self.renoise}")
 
     @property
     def plain(self) -> bool:
-        return self.scale == 1.0 and self.threshold == 0.0
+        return self.scale == 1.0 and self.threshold == 0.0 and self.renoise == 0.0
 
 
 def implicit_mask(direction: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -100,9 +110,10 @@ def remove_held_direction(delta: torch.Tensor, gamma: torch.Tensor) -> torch.Ten
 
 def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, source: torch.Tensor,
                               uncond: torch.Tensor | None, guidance_scale: float,
-                              direction: EditDirection, holds: list[Hold] = ()) -> torch.Tensor:
-    """eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * delta, delta = eps(x, cond) -
-    eps(x, source) without the directions of the `holds`, in one UNet call on [uncond; source; cond; held] rows."""
+                              direction: EditDirection, holds: list[Hold] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * delta, M [B,1,h,w]) with delta =
+    eps(x, cond) - eps(x, source) without the directions of the `holds`, in one UNet call on [uncond; source; cond;
+    held] rows. M is 0 on a row whose delta is 0 (its edit is its factual prompt)."""
     guided = uncond is not None and guidance_scale != 1.0
     contexts = [uncond, source, cond] if guided else [source, cond]
     inputs = [x] * len(contexts) + [x[h.rows] for h in holds]
@@ -115,7 +126,12 @@ def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, sour
     for hold, eps_held in zip(holds, held.split([len(h.rows) for h in holds])):
         delta = delta.index_copy(0, hold.rows, remove_held_direction(delta[hold.rows],
                                                                      eps_held - eps_cond[hold.rows]))
-    return base + direction.scale * implicit_mask(delta, direction.threshold) * delta
+    mask = implicit_mask(delta, direction.threshold) * (delta.flatten(1).abs().amax(1) > 0)[:, None, None, None]
+    return base + direction.scale * mask * delta, mask
+
+
+#: mixed into an image's seed for its renoising noise, so that it differs from the inversion's eps_t
+_RENOISE_SEED = 0x5EED_F4E5
 
 
 def start_step(skip: float, num_inference_steps: int) -> int:
@@ -174,10 +190,12 @@ def ddpm_invert(unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, noise: to
 def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, cond: torch.Tensor,
                 num_inference_steps: int, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                 skip: float = 0.0, latent_mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
-                direction: EditDirection | None = None, holds: list[Hold] = ()) -> torch.Tensor:
+                direction: EditDirection | None = None, holds: list[Hold] = (),
+                fresh: torch.Tensor | None = None) -> torch.Tensor:
     """The DDPM sampler driven by the inversion's noise `maps` from the trajectory's level at `skip`; with the
     factual prompt it retraces `trajectory`. With `latent_mask` [B,1,h,w], the trajectory is kept outside it.
-    With `direction` (not plain) or `holds`, and the factual embeddings `source`, every step is a directed edit."""
+    With `direction` (not plain) or `holds`, and the factual embeddings `source`, every step is a directed edit;
+    `fresh` (shaped like `maps`) is the new noise a renoising direction mixes into its masked cells."""
     schedule = _schedule(scheduler, num_inference_steps, trajectory.device)
     start = start_step(skip, num_inference_steps)
     direction = direction or EditDirection()
@@ -185,13 +203,21 @@ def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, c
     if directed and source is None:
         raise ValueError("a directed DDPM edit (or one that holds attributes) needs the factual prompt's "
                          "embeddings (source)")
+    if direction.renoise and fresh is None:
+        raise ValueError("a renoising DDPM edit needs fresh noise shaped like the noise maps")
     x = trajectory[num_inference_steps - start]
     for k in range(start, num_inference_steps):
         t = schedule.timesteps[k]
-        eps = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction, holds) \
-            if directed else _eps(unet, x, t, cond, uncond, guidance_scale)
+        z = maps[k]
+        if directed:
+            eps, mask = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction, holds)
+            if direction.renoise:
+                r = direction.renoise
+                z = z + mask * (((1 - r) ** 0.5 - 1) * z + r ** 0.5 * fresh[k])
+        else:
+            eps = _eps(unet, x, t, cond, uncond, guidance_scale)
         mean, sigma = ddpm_posterior(schedule, eps, int(t), x)
-        x = mean + sigma * maps[k]
+        x = mean + sigma * z
         if latent_mask is not None:
             x = latent_mask * x + (1 - latent_mask) * trajectory[num_inference_steps - 1 - k]
     return x
@@ -221,12 +247,17 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
     inverted = inversions.stacked("ddpm", conditions, settings, invert)
     k = len(counterfactual_prompts)
     cond = torch.cat([encode_prompts(pipe, p) for p in counterfactual_prompts])
+    fresh = None
+    if direction is not None and direction.renoise:  # from the image's seed, apart from the inversion's noise
+        fresh = seeded_noise((n, steps, *latents.shape[1:]), [_RENOISE_SEED ^ int(s) for s in seeds],
+                             latents.device, torch.float32).transpose(0, 1).repeat(1, k, 1, 1, 1)
     edited = ddpm_sample(pipe.unet, pipe.scheduler, inverted["trajectory"].repeat(1, k, 1, 1, 1),
                          inverted["noise_maps"].repeat(1, k, 1, 1, 1), cond, steps,
                          None if uncond is None else uncond.repeat(k, 1, 1), guidance_scale, skip,
                          None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1),
                          encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction,
-                         held_rows(pipe, factual_prompts, counterfactual_prompts, hold_prompts or [], latents.device))
+                         held_rows(pipe, factual_prompts, counterfactual_prompts, hold_prompts or [], latents.device),
+                         fresh)
     return [z.to(latents.dtype) for z in edited.split(n)], inverted["trajectory"][0].to(latents.dtype)
 
 

@@ -18,7 +18,9 @@ prompt in place of the edited one), which the engine decodes; it then keeps the 
   strong enough to move a small structure (a lead, a fluid level) also shifts the whole image a little, and that
   diffuse drift outweighs the change itself in the error. The composite's difference |edited - null edit|,
   smoothed over `change_smoothing` pixels, is compared with its own maximum per image; only where it reaches
-  `change_threshold` of it (grown by `change_smoothing`, with a soft edge) is the change kept. No mask or model is
+  `change_threshold` of it (grown by `change_smoothing`, with a soft edge) is the change kept; with `change_grow`,
+  also the pixels connected to it whose own change reaches that fraction of the largest (hysteresis, so a line
+  one pixel wide that smoothing thins below the threshold stays in). No mask or model is
   needed, so it works on any edit, including ones no segmentation covers; it cannot keep a change that is weak and
   everywhere (a diffuse one is better confined by a region mask), and it keeps whatever the edit moves most,
   wanted or not. `change_fill` says what fills the mask: ``composite`` (input + edited - null edit, the input's
@@ -44,7 +46,8 @@ Methods (each its own module and function):
 - ``ddpm`` (`ddpm_inversion.py`): edit-friendly DDPM inversion (LEDITS++, RadEdit): noise maps that make the DDPM
   sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps; optional
   directed editing (`edit_guidance`, `edit_threshold`): the edit's direction from the factual prompt amplified
-  where it is large (an implicit mask), 2 UNet rows per step instead of 1.
+  where it is large (an implicit mask), 2 UNet rows per step instead of 1; optional renoising (`edit_renoise`):
+  fresh noise in the masked cells' noise maps, so what the edit removes is not redrawn from them.
 
 Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
 every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
@@ -125,8 +128,9 @@ def engine_options(edit: EditConfig) -> dict[str, Any]:
         self_replace=tuple(edit.self_replace), edit_word_weight=edit.edit_word_weight,
         null_text_inner_steps=edit.null_text_inner_steps, null_text_early_stop=edit.null_text_early_stop,
         ddpm_skip=edit.ddpm_skip, edit_guidance=edit.edit_guidance, edit_threshold=edit.edit_threshold,
+        edit_renoise=edit.edit_renoise,
         change_threshold=edit.change_threshold, change_smoothing=edit.change_smoothing,
-        change_fill=edit.change_fill,
+        change_fill=edit.change_fill, change_grow=edit.change_grow,
     )
 
 
@@ -145,21 +149,28 @@ def _unit(images: np.ndarray) -> np.ndarray:
 CHANGE_FILLS = ("composite", "edited")
 
 
-def check_change_settings(threshold: float, smoothing: int, fill: str = "composite") -> None:
+def check_change_settings(threshold: float, smoothing: int, fill: str = "composite", grow: float = 0.0) -> None:
     """The change mask's settings, checked before any work (and by `change_mask` itself)."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"change_threshold is a fraction of the largest change in (0, 1), got {threshold}")
+    if not 0.0 <= grow < 1.0:
+        raise ValueError(f"change_grow is a fraction of the largest change in [0, 1) (0: off), got {grow}")
     if smoothing < 0:
         raise ValueError(f"change_smoothing must be >= 0 pixels, got {smoothing}")
     if fill not in CHANGE_FILLS:
         raise ValueError(f"change_fill is one of {CHANGE_FILLS}, got {fill!r}")
 
 
-def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.ndarray:
+def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2, grow: float = 0.0) -> np.ndarray:
     """[B,H,W] soft mask in [0,1] of where a change [B,H,W] is large: |change| box-smoothed over (2 smoothing + 1)
     pixels, 1 where it reaches `threshold` x its image's maximum, grown by `smoothing` pixels and feathered over as
-    many. Per image, so a batch's other images do not move it; an image with no change at all gets no mask."""
-    check_change_settings(threshold, smoothing)
+    many. Per image, so a batch's other images do not move it; an image with no change at all gets no mask.
+
+    `grow` > 0 adds hysteresis: the pixels whose unsmoothed |change| reaches `grow` x its image's maximum and that
+    connect (8-neighbourhood) to the smoothed mask join it. Smoothing is what drops the diffuse drift, but it also
+    thins a change one or two pixels wide (a lead, a line, a tube) below the threshold, and the removal then keeps
+    the line; a line's own pixels change as much as the structure it leads to, the drift's do not."""
+    check_change_settings(threshold, smoothing, grow=grow)
     a = torch.from_numpy(np.abs(np.asarray(change, dtype=np.float32))).unsqueeze(1)
     k = 2 * smoothing + 1
 
@@ -170,14 +181,30 @@ def change_mask(change: np.ndarray, threshold: float, smoothing: int = 2) -> np.
     smooth = box(a)
     peak = smooth.amax(dim=(2, 3), keepdim=True)
     inside = ((smooth >= threshold * peak) & (peak > 0)).float()
+    if grow > 0:
+        inside = torch.from_numpy(_grown(inside.squeeze(1).numpy() > 0, a.squeeze(1).numpy(), grow)).unsqueeze(1)
     if smoothing:
         inside = torch.nn.functional.max_pool2d(inside, k, stride=1, padding=smoothing)
     return box(inside).squeeze(1).numpy().astype(np.float32)
 
 
+def _grown(seed: np.ndarray, magnitude: np.ndarray, grow: float) -> np.ndarray:
+    """[B,H,W] float: `seed` plus the pixels with `magnitude` >= grow x the image's maximum connected to it."""
+    from scipy.ndimage import label
+
+    out = seed.astype(np.float32)
+    for i, (s, m) in enumerate(zip(seed, magnitude)):
+        if not s.any():
+            continue
+        labels, _ = label(s | (m >= grow * m.max()), structure=np.ones((3, 3), dtype=bool))
+        out[i] = np.isin(labels, np.unique(labels[s]))
+    return out
+
+
 def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: np.ndarray | None, composite: bool,
                               mask: np.ndarray | None, change_threshold: float = 0.0,
-                              change_smoothing: int = 2, change_fill: str = "composite") -> np.ndarray:
+                              change_smoothing: int = 2, change_fill: str = "composite",
+                              change_grow: float = 0.0) -> np.ndarray:
     """The engine's pixel-space step: the composite input + (edited - null edit), confined to the edit's own
     change mask (`change_threshold` > 0; inside it the composite or, with `change_fill` "edited", the edit
     itself) and/or to `mask` (the null edit is needed only to composite)."""
@@ -185,7 +212,7 @@ def keep_input_outside_change(image: np.ndarray, edited: np.ndarray, null_edit: 
     if composite:
         delta = edited - null_edit
         if change_threshold > 0:
-            inside = change_mask(delta, change_threshold, change_smoothing)
+            inside = change_mask(delta, change_threshold, change_smoothing, change_grow)
             delta = inside * (edited - x if change_fill == "edited" else delta)
         out = np.clip(x + delta, 0.0, 1.0)
     else:
@@ -271,9 +298,11 @@ def counterfactuals(
     ddpm_skip: float = 0.2,
     edit_guidance: float = 1.0,
     edit_threshold: float = 0.0,
+    edit_renoise: float = 0.0,
     change_threshold: float = 0.0,
     change_smoothing: int = 2,
     change_fill: str = "composite",
+    change_grow: float = 0.0,
     hold_prompts: list[list[list[str]]] | None = None,
     select: Select | None = None,
     inversion_cache: InversionCache | None = None,
@@ -293,17 +322,17 @@ def counterfactuals(
     if null_text_inner_steps < 0:
         raise ValueError(f"null_text_inner_steps must be >= 0, got {null_text_inner_steps}")
     p2p = PromptToPromptSettings(cross_replace, tuple(self_replace), edit_word_weight)
-    direction = EditDirection(edit_guidance, edit_threshold)  # bad settings fail before any work
+    direction = EditDirection(edit_guidance, edit_threshold, edit_renoise)  # bad settings fail before any work
     if not direction.plain and method != "ddpm":
-        raise ValueError(f"edit_guidance and edit_threshold (directed editing) apply to method 'ddpm', not "
-                         f"{method!r}")
+        raise ValueError(f"edit_guidance, edit_threshold and edit_renoise (directed editing) apply to method "
+                         f"'ddpm', not {method!r}")
     if method == "ddpm":
         start_step(ddpm_skip, num_inference_steps)
     if change_threshold:
         if not composite:
             raise ValueError("change_threshold (the edit's own mask) confines the composite's difference: it needs "
                              "composite=True")
-        check_change_settings(change_threshold, change_smoothing, change_fill)
+        check_change_settings(change_threshold, change_smoothing, change_fill, change_grow)
     if hold_prompts is not None and any(hold_prompts):
         if method != "ddpm":
             raise ValueError(f"holding attributes (hold) applies to method 'ddpm', not {method!r}")
@@ -334,7 +363,7 @@ def counterfactuals(
     for e, candidates in enumerate(edited):
         decoded = [decode_latents(pipe, z) for z in candidates]
         kept = [keep_input_outside_change(images, r, None if null_images is None else null_images[s], composite,
-                                          masks, change_threshold, change_smoothing, change_fill)
+                                          masks, change_threshold, change_smoothing, change_fill, change_grow)
                 for s, r in enumerate(decoded)]
         winner = _winners(kept, unit, e, sweep, select)
         outputs.append(np.stack(kept)[winner, rows])

@@ -228,6 +228,13 @@ class PhantomSCM:
         attrs = self._solve(subject.noise, fixed)
         return replace(subject, interventions=tuple(sorted(fixed.items())), **attrs)
 
+    def redraw(self, subject: Subject, fields: tuple[str, ...], donor: int) -> Subject:
+        """`subject` with its exogenous noise `fields` replaced by those of the subject at index `donor` (a draw from
+        the prior), attributes re-solved under its own interventions: how the truth's unseen noise is resampled."""
+        _, other = self._draw_noise(int(donor))
+        noise = replace(subject.noise, **{name: getattr(other, name) for name in fields})
+        return replace(subject, noise=noise, **self._solve(noise, dict(subject.interventions)))
+
     def missing_mask(self, subject: Subject) -> dict[str, bool]:
         """Which metadata cells the manifest hides (missing completely at random); the image is never affected."""
         frac = self.config.missing_fraction

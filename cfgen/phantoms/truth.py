@@ -15,12 +15,84 @@ from cfgen.config import DecodeConfig
 from cfgen.phantoms.scm import PhantomSCM
 
 
-def true_counterfactual(scm: PhantomSCM, index: int, intervention: dict[str, Any], decode: DecodeConfig) -> np.ndarray:
-    """The decoded-like image (uint8/uint16 [size, size]) of subject `index` under do(intervention)."""
+def _decoded(scm: PhantomSCM, subject, decode: DecodeConfig) -> np.ndarray:
     from cfgen.io.preprocess import quantize, to_fixed_size
 
-    image, _ = scm.render(scm.intervene(scm.subject(int(index)), intervention))
+    image, _ = scm.render(subject)
     return quantize(to_fixed_size(image, decode.size, decode.resize_mode), decode.dtype)
+
+
+def true_counterfactual(scm: PhantomSCM, index: int, intervention: dict[str, Any], decode: DecodeConfig) -> np.ndarray:
+    """The decoded-like image (uint8/uint16 [size, size]) of subject `index` under do(intervention)."""
+    return _decoded(scm, scm.intervene(scm.subject(int(index)), intervention), decode)
+
+
+#: noise a data row shows without its image (its split, which metadata cells are missing, the view): never redrawn
+ROW_NOISE = ("u_split", "u_missing", "u_view")
+#: other subjects' values tried per noise field when screening what an image hides
+SCREEN_DONORS = 3
+#: redraws tried per posterior draw kept
+ATTEMPTS_PER_DRAW = 4
+
+
+def _donor(index: int, k: int) -> int:
+    """Donor subject indices far beyond any data set, distinct per (subject, k)."""
+    return (1 << 40) + int(index) * 4096 + k
+
+
+def unseen_noise(scm: PhantomSCM, index: int, decode: DecodeConfig) -> tuple[str, ...]:
+    """The exogenous noise fields of subject `index` that neither its decoded image nor its attributes reveal:
+    giving any one of them another subject's value (SCREEN_DONORS tries) leaves both exactly as they were. Where the
+    finding is absent, its noise (which side the fluid takes, the meniscus) is unseen."""
+    from dataclasses import fields
+
+    subject = scm.subject(int(index))
+    image, attributes = _decoded(scm, subject, decode), subject.attributes()
+    hidden = []
+    for name in (f.name for f in fields(subject.noise)):
+        if name in ROW_NOISE:
+            continue
+        for k in range(SCREEN_DONORS):
+            other = scm.redraw(subject, (name,), _donor(index, k))
+            if other.attributes() != attributes or not np.array_equal(_decoded(scm, other, decode), image):
+                break
+        else:
+            hidden.append(name)
+    return tuple(hidden)
+
+
+def counterfactual_posterior(scm: PhantomSCM, index: int, interventions: list[dict[str, Any]], decode: DecodeConfig,
+                             draws: int = 16) -> list[np.ndarray]:
+    """For each intervention, up to `draws` true counterfactuals ([k, size, size]) of subjects the data cannot tell
+    apart from subject `index`: its unseen noise redrawn from the prior, a draw kept only where the decoded factual
+    image and the attributes come out identical (rejection sampling of the posterior given what an editor sees).
+
+    The subject's own truth is one such draw, and nothing in its image or prompt says which: so these bound the error
+    any edit can reach (`floor_errors`). For do(effusion=1) on a subject without fluid, the side the fluid would
+    take is such noise; for the removal of a visible device there is none, and every draw is the truth.
+    """
+    subject = scm.subject(int(index))
+    hidden = unseen_noise(scm, index, decode)
+    image, attributes = _decoded(scm, subject, decode), subject.attributes()
+    kept: list[list[np.ndarray]] = [[] for _ in interventions]
+    for k in range(SCREEN_DONORS, SCREEN_DONORS + draws * ATTEMPTS_PER_DRAW):
+        if len(kept[0]) >= draws:
+            break
+        other = scm.redraw(subject, hidden, _donor(index, k)) if hidden else subject
+        if other.attributes() != attributes or not np.array_equal(_decoded(scm, other, decode), image):
+            continue
+        for out, intervention in zip(kept, interventions):
+            out.append(_decoded(scm, scm.intervene(other, intervention), decode))
+    return [np.stack(out) for out in kept]
+
+
+def floor_errors(truth: np.ndarray, posterior: np.ndarray) -> tuple[float, float]:
+    """(best, sampled) mean absolute error against `truth` (unit floats): of the pixel-wise median of the posterior's
+    draws, the deterministic edit with the least expected L1 given the image and prompt; and of a single draw on
+    average, what a model that samples the posterior exactly would score."""
+    best = float(np.mean(np.abs(np.median(posterior, axis=0) - truth)))
+    sampled = float(np.mean(np.abs(posterior - truth[None])))
+    return best, sampled
 
 
 def changes_truth(scm: PhantomSCM, index: int, intervention: dict[str, Any]) -> bool:
