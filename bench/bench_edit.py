@@ -7,6 +7,9 @@ PRISM's guidance 7.5 and at the config's, ddpm, and ddpm and ddim at guidance 3;
 (`engine_options` of an `EditConfig`; the sweep methods' setting chosen per image by the attribute classifier,
 `cfgen.metrics.selection`). For each (variant, edit), over the images whose true attributes the edit changes:
 
+- `n` rows, and `n_unsaid` more whose prompt cannot say the edit (`cfgen.io.prompts.unsaid_edit`: the attribute
+  is missing from the row's metadata and the captions word "absent" as "unknown"), which the job does not edit
+  but reports, and which are left out of the scores;
 - UNet evaluations per counterfactual, forward and backward (counted by the engine);
 - `cf_error`: mean L1 to the true counterfactual; `identity_error`: the same for doing nothing; their ratio;
 - `floor_ratio` / `sampled_floor_ratio`: the error ratio no edit made from the image and its prompt can beat, where
@@ -18,9 +21,10 @@ PRISM's guidance 7.5 and at the config's, ddpm, and ddpm and ddim at guidance 3;
 - the classifier's flip rate (optimistic for the sweep methods: the same classifier chose their setting);
 - counterfactuals per second (all edits of a variant, end to end).
 
-The targets, for the best variant (lowest mean error ratio) at <= 150 UNet evaluations (forward + backward) per
-counterfactual, every edit: cf_error <= 0.5 x identity_error, median effect ratio >= 0.8, null-edit SSIM >= 0.95,
-flip rate >= 0.8; each printed PASS/MISS with its gap.
+The targets, for the best variant (the most targets passed, then the lowest mean error ratio) at <= 150 UNet
+evaluations (forward + backward) per counterfactual, every edit: cf_error <= 0.5 x identity_error, median effect
+ratio >= 0.8, null-edit SSIM >= 0.95, flip rate >= 0.8; each printed PASS/MISS with its gap and, for the error,
+the floor no edit can beat.
 
 Then the peer comparison (`bench/peers.py`): SDEdit, DDIM inversion + regeneration and edit-friendly DDPM against
 plain diffusers doing the same on the same model, images, prompts, steps and guidance, in this process, each timed
@@ -149,6 +153,7 @@ class PhantomSet:
     truths: list[np.ndarray]  # per edit: float [N,H,W]
     states: list[np.ndarray]  # per edit: the edited attribute's true factual value per image
     floors: list[np.ndarray]  # per edit: [N, 2] L1 to the truth of the posterior's median and of a single draw
+    unsaid: list[np.ndarray]  # per edit: bool [N], the rows whose prompt cannot say the edit (the job skips them)
     before: dict[str, np.ndarray]  # the classifier on the inputs
     prompt: Any  # the PromptConfig the prompts were built with
 
@@ -167,7 +172,7 @@ def load_test_rows(decoded_uri: str, n: int):
 
 def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
     from cfgen.config import PhantomConfig
-    from cfgen.io.prompts import counterfactual_prompt
+    from cfgen.io.prompts import counterfactual_prompt, unsaid_edit
     from cfgen.metrics.effectiveness import target_value
     from cfgen.metrics.image import as_unit_float
     from cfgen.phantoms.scm import PhantomSCM
@@ -192,9 +197,12 @@ def load_phantom_set(job, run: Path, classifier, n: int) -> PhantomSet:
                                 for r in rows]))
     floors = [np.array([floor_errors(truths[k][i], as_unit_float(posteriors[i][k])) for i in range(len(rows))])
               for k in range(len(EDITS))]
+    cf_prompts = [[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS]
+    unsaid = [np.array([unsaid_edit(r, e, r["prompt"], p) is not None for r, p in zip(rows, prompts)])
+              for e, prompts in zip(EDITS, cf_prompts)]
     return PhantomSet(rows=rows, images=images, x=as_unit_float(images), masks=masks,
                       factual_prompts=[r["prompt"] for r in rows],
-                      cf_prompts=[[counterfactual_prompt(r, e, job.data.prompt) for r in rows] for e in EDITS],
+                      cf_prompts=cf_prompts, unsaid=unsaid,
                       seeds=[edit_seed(r["image_id"], job.edit.seed) for r in rows], truths=truths, states=states,
                       floors=floors,
                       before=classifier.predict(images), prompt=job.data.prompt)
@@ -243,16 +251,19 @@ def score_variant(name: str, edit_cfg, edited: dict[str, Any], data: PhantomSet,
     for k, edit in enumerate(EDITS):
         cf, truth = edited["counterfactuals"][k], data.truths[k]
         (attr, value), = edit.items()
-        idx = np.flatnonzero(data.states[k] != target_value(attr, value))
+        changes = data.states[k] != target_value(attr, value)
+        idx = np.flatnonzero(changes & ~data.unsaid[k])  # what the job edits: it skips a row its prompt cannot say
         cf_err = float(np.mean([l1(cf[i], truth[i]) for i in idx])) if len(idx) else float("nan")
         id_err = float(np.mean([l1(x[i], truth[i]) for i in idx])) if len(idx) else float("nan")
         floor_best, floor_sampled = data.floors[k][idx].mean(axis=0) if len(idx) else (float("nan"),) * 2
         effects = [effect_ratio(x[i], cf[i], truth[i]) for i in idx]
-        scores = summarize_scores(row_scores(data.before, classifier.predict(cf), edit, data.states[k]))
+        said = ~data.unsaid[k]
+        scores = summarize_scores(row_scores({a: v[said] for a, v in data.before.items()}, classifier.predict(cf[said]),
+                                             edit, data.states[k][said]))
         rows.append({
             "kind": "edit", "method": name, "engine_method": edit_cfg.method, "composite": edit_cfg.composite,
             "confine": edit_cfg.confine, "guidance_scale": edit_cfg.guidance_scale, "edit": f"{attr}={value}",
-            "n": int(len(idx)), "steps": steps,
+            "n": int(len(idx)), "n_unsaid": int((changes & data.unsaid[k]).sum()), "steps": steps,
             "unet_forward": edited["unet_forward"], "unet_backward": edited["unet_backward"],
             "cf_error": cf_err, "identity_error": id_err,
             "error_ratio": cf_err / id_err if id_err else float("nan"),
@@ -272,19 +283,30 @@ def mean_error_ratio(rows: list[dict[str, Any]], name: str) -> float:
     return float(np.mean(ratios)) if ratios else float("inf")
 
 
+def _target_gap(row: dict[str, Any], key: str, direction: str, threshold: float) -> float:
+    value = row[key]
+    return value - threshold if direction == ">=" else threshold - value  # >= 0 passes
+
+
+def targets_passed(rows: list[dict[str, Any]], name: str) -> int:
+    return sum(bool(_target_gap(r, key, d, t) >= 0) for r in rows if r["method"] == name for _, key, d, t in TARGETS)
+
+
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PASS/MISS rows for the best variant (lowest mean error ratio) within MAX_EVALUATIONS per counterfactual."""
+    """PASS/MISS rows for the best variant within MAX_EVALUATIONS per counterfactual: the most targets passed over
+    every edit, then the lowest mean error ratio (which alone rewards doing little to the edits a model barely
+    makes)."""
     names = list(dict.fromkeys(r["method"] for r in rows))
     cost = {r["method"]: r["unet_forward"] + r["unet_backward"] for r in rows}
     eligible = [m for m in names if cost[m] <= MAX_EVALUATIONS]
     if not eligible:
         return []
-    best = min(eligible, key=lambda m: mean_error_ratio(rows, m))
+    best = min(eligible, key=lambda m: (-targets_passed(rows, m), mean_error_ratio(rows, m)))
     out = []
     for r in (r for r in rows if r["method"] == best):
         for figure, key, direction, threshold in TARGETS:
             value = r[key]
-            gap = value - threshold if direction == ">=" else threshold - value  # >= 0 passes
+            gap = _target_gap(r, key, direction, threshold)
             out.append({"kind": "target", "method": best, "edit": r["edit"], "figure": figure, "value": value,
                         "target": f"{direction} {threshold}", "pass": bool(np.isfinite(gap) and gap >= 0),
                         "gap": float(gap), "unet_evaluations": cost[best],
@@ -353,12 +375,12 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def print_tables(edit_rows: list[dict[str, Any]], targets: list[dict[str, Any]], peer_rows: list[dict[str, Any]]):
-    print("| method | edit | n | UNet fwd/cf | bwd/cf | cf error | do-nothing | ratio | floor best / sampled | "
+    print("| method | edit | n (+ unsaid) | UNet fwd/cf | bwd/cf | cf error | do-nothing | ratio | floor best / sampled | "
           "median effect | null SSIM | flip rate | off-target | cf/s | settings chosen |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in edit_rows:
         chosen = ", ".join(f"{k} x{v}" for k, v in r["settings"].items() if k != "{}")
-        print(f"| {r['method']} | {r['edit']} | {r['n']} | {r['unet_forward']:.1f} | {r['unet_backward']:.1f} | "
+        print(f"| {r['method']} | {r['edit']} | {r['n']} (+{r['n_unsaid']}) | {r['unet_forward']:.1f} | {r['unet_backward']:.1f} | "
               f"{_fmt(r['cf_error'], '.4f')} | {_fmt(r['identity_error'], '.4f')} | {_fmt(r['error_ratio'], '.2f')} | "
               f"{_fmt(r['floor_ratio'], '.2f')} / {_fmt(r['sampled_floor_ratio'], '.2f')} | "
               f"{_fmt(r['effect_ratio'], '.2f')} | {r['null_ssim']:.3f} | {_fmt(r['flip_rate'], '.2f')} | "
@@ -460,7 +482,8 @@ def main() -> int:
         run_variant(v.name, v.settings)
     mask_best = args.mask_best if args.mask_best is not None else (1 if args.quick else 3)
     composites = [v for v in chosen if v.settings["composite"]]
-    for v in sorted(composites, key=lambda v: mean_error_ratio(edit_rows, v.name))[:mask_best]:
+    for v in sorted(composites, key=lambda v: (-targets_passed(edit_rows, v.name),
+                                               mean_error_ratio(edit_rows, v.name)))[:mask_best]:
         run_variant(f"{v.name} + lung mask", {**v.settings, "confine": "mask"})
     targets = check_targets(edit_rows)
     peer_rows = [] if args.no_peers else compare_peers(

@@ -59,6 +59,34 @@ def test_negatives_omit():
                                       "with cardiomegaly")
 
 
+def test_an_edit_the_prompt_cannot_say_is_refused_with_the_reason_and_a_true_null_edit_is_not():
+    from cfgen.config import EditConfig
+    from cfgen.io.prompts import unsaid_edit
+    from cfgen.pipeline.generate import planned_edit
+
+    omit = PromptConfig(negatives="omit")
+    unknown = {"age": 51, "sex": "F", "pleural_effusion": 1}  # devices missing from the metadata
+    factual = build_prompt(unknown, omit)
+    edit = EditConfig(edits=[{"support_devices": 0}])
+    # captions that leave absent findings out say "no devices" as they say "devices unknown": nothing to edit with
+    planned = planned_edit(unknown, factual, {"support_devices": 0}, edit, omit)
+    assert (planned.prompt, planned.applied) == (factual, None)
+    assert "support_devices is unknown or uncertain" in planned.error
+    assert "support_devices is unknown" in unsaid_edit({**unknown, "support_devices": -1}, {"support_devices": 0},
+                                                       factual, factual)
+    # the same row, the finding added: the prompt says it, so the edit is made
+    added = planned_edit(unknown, factual, {"support_devices": 1}, edit, omit)
+    assert added.error is None and "with support devices" in added.prompt
+    # with negatives worded, "without support devices" says the removal
+    worded = PromptConfig()
+    said = planned_edit(unknown, build_prompt(unknown, worded), {"support_devices": 0}, edit, worded)
+    assert said.error is None and "without support devices" in said.prompt
+    # a known 0 set to 0 is a true null edit: applied, nothing to report
+    known = {**unknown, "support_devices": 0}
+    null = planned_edit(known, build_prompt(known, omit), {"support_devices": 0}, edit, omit)
+    assert null.error is None and null.applied is not None and null.prompt == build_prompt(known, omit)
+
+
 @pytest.mark.parametrize(
     "policy, phrase",
     [("omit", None), ("positive", "with cardiomegaly"), ("negative", "without cardiomegaly"),

@@ -45,6 +45,7 @@ __all__ = [
     "is_shift",
     "EditNotApplicable",
     "counterfactual_prompt",
+    "unsaid_edit",
     "check_hold",
     "hold_prompts",
     "batch_prompts",
@@ -308,6 +309,30 @@ def counterfactual_prompt(row: Any, edit: Mapping[str, Any], cfg: PromptConfig |
     if silent:
         raise ValueError(f"edit of {silent}: not in PromptConfig.attributes {list(cfg.attributes)}")
     return build_prompt(apply_edit(row, edit), cfg)
+
+
+def _current_value(name: str, row: Any) -> Any:
+    value = _get(row, name)
+    if name == "sex":
+        return _sex(value)
+    return _number(name, value) if name == "age" else _label(name, value)
+
+
+def unsaid_edit(row: Any, edit: Mapping[str, Any], factual_prompt: str, edited_prompt: str) -> str | None:
+    """Why this row's prompt cannot say the (resolved) `edit`, or None when it can.
+
+    The prompt is the only way an edit reaches the model. When the edited attribute is unknown or uncertain in the
+    row and the template words the target value as it words an unknown one (captions that omit absent findings,
+    `negatives: omit`), the counterfactual prompt comes out as the factual one: the edit would silently return the
+    input. A row whose known value already is the target is a true null edit, and says nothing here."""
+    if edited_prompt != factual_prompt:
+        return None
+    unsaid = [name for name, value in edit.items() if _current_value(name, row) != _edit_value(name, value)]
+    if not unsaid:
+        return None
+    return (f"the prompt cannot say this edit: {', '.join(unsaid)} is unknown or uncertain in this row and the "
+            f"template words the edited value as it words an unknown one (data.prompt negatives/uncertain: omit), "
+            f"so the counterfactual prompt is the factual one")
 
 
 def check_hold(hold: Sequence[str], cfg: PromptConfig) -> None:

@@ -215,14 +215,19 @@ class PlannedEdit:
 def planned_edit(row: dict[str, Any], factual_prompt: str, edit: dict[str, Any], config: EditConfig,
                  prompt: PromptConfig) -> PlannedEdit:
     """One row's counterfactual prompt. An edit this row cannot take (an age shift of a missing or out-of-range
-    age) becomes a null edit of the factual prompt, recorded as not applied, so the batch goes on."""
-    from cfgen.io.prompts import EditNotApplicable, resolve_edit
+    age, a change its prompt cannot say: `unsaid_edit`) becomes a null edit of the factual prompt, recorded as not
+    applied with the reason, so the batch goes on."""
+    from cfgen.io.prompts import EditNotApplicable, resolve_edit, unsaid_edit
 
     try:
         resolved = resolve_edit(row, edit, config.age_range)
     except EditNotApplicable as err:
         return PlannedEdit(factual_prompt, None, str(err))
-    return PlannedEdit(counterfactual_prompt(row, resolved, prompt), json.dumps(resolved, sort_keys=True), None)
+    edited = counterfactual_prompt(row, resolved, prompt)
+    unsaid = unsaid_edit(row, resolved, factual_prompt, edited)
+    if unsaid:
+        return PlannedEdit(factual_prompt, None, unsaid)
+    return PlannedEdit(edited, json.dumps(resolved, sort_keys=True), None)
 
 
 def _edited_rows(rows: list[dict[str, Any]], planned: list[PlannedEdit]) -> list[dict[str, Any]]:
