@@ -315,7 +315,8 @@ class EditConfig(_Section):
                                   "direction's magnitude below which a latent cell is left unedited (0: none)")
     edit_renoise: float = Field(0.0, ge=0, le=1, description="ddpm, directed: share of fresh noise mixed into "
                                 "the noise maps inside the implicit mask, so the model redraws what the edit "
-                                "removes instead of the maps holding it (0: off)")
+                                "removes instead of the maps holding it (0: off; worse on every phantom edit "
+                                "measured, bench/RESULTS.md)")
     composite: bool = Field(True, description="counterfactual = input + (edited - null edit): keeps the input's "
                                               "own pixels wherever the edit changes nothing")
     change_threshold: float = Field(

@@ -47,7 +47,8 @@ Methods (each its own module and function):
   sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps; optional
   directed editing (`edit_guidance`, `edit_threshold`): the edit's direction from the factual prompt amplified
   where it is large (an implicit mask), 2 UNet rows per step instead of 1; optional renoising (`edit_renoise`):
-  fresh noise in the masked cells' noise maps, so what the edit removes is not redrawn from them.
+  fresh noise in the masked cells' noise maps, so what the edit removes is not redrawn from them (worse on every
+  phantom edit so far: bench/RESULTS.md).
 
 Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
 every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
