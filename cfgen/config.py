@@ -186,6 +186,11 @@ class VAEPretrainConfig(_Section):
     crop: int | None = Field(None, ge=8, description="fit on random square crops of this many pixels (a multiple of "
                              "4): the VAE is convolutional, so a step on crops of half the side costs about a "
                              "quarter and the same CPU time buys more steps; None: whole images")
+    finish_steps: int | None = Field(
+        None, ge=0,
+        description="after a crop fit, this many steps on whole images at a tenth of the peak rate, decaying to 0: "
+                    "GroupNorm's statistics over a crop are not those over a whole image, and a fit on crops alone "
+                    "decodes whole images with a global intensity offset (bench/RESULTS.md); None: none")
     images: int = Field(2048, ge=8, description="training images the fit draws from")
     heldout: int = Field(128, ge=0, description="validate-split images its fidelity is reported on")
     cache_uri: str | None = Field(None, description="where fitted VAEs are kept (local dir or s3://); default: "

@@ -17,7 +17,8 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     job = load_config("configs/demo.yaml", [
         f"output_uri={tmp_path}/run", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "phantoms.n=160", "train.max_steps=8", "train.checkpoint_every=4", "train.batch_size=8",
-        "train.vae.steps=20", "edit.limit=6", "edit.num_inference_steps=4", "edit.batch_size=3",
+        "train.vae.steps=20", "train.vae.finish_steps=2", "edit.limit=6", "edit.num_inference_steps=4",
+        "edit.batch_size=3",
         "classifier.train.epochs=1", "classifier.train.batch_size=16", "classifier.bootstrap=20",
     ])
     out = run_demo(job)

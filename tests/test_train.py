@@ -22,6 +22,7 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     job = load_config("configs/demo.yaml", [
         f"output_uri={tmp_path}/run", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "phantoms.n=80",
         "train.max_steps=3", "train.checkpoint_every=3", "train.batch_size=8", "train.vae.steps=2",
+        "train.vae.finish_steps=1",
         "train.train_text_encoder=true", "train.lr=0.01",
     ])
     job.data.manifest_uri = run_phantoms(job)["manifest_parquet"]

@@ -89,3 +89,14 @@ def test_random_crops_are_aligned_pieces_of_each_image_and_whole_images_pass_thr
     vae = build_tiny_pipeline(ModelConfig()).vae
     losses = fit_vae(vae, _images(n=8), VAEPretrainConfig(steps=2, batch_size=4, crop=32))
     assert len(losses) == 2 and reconstruct(vae, _images(n=2)).shape == (2, 64, 64)
+    # a crop fit can finish on whole images (GroupNorm then sees a whole image's statistics); without crops the
+    # fit is on whole images already and there is nothing to finish
+    finished = fit_vae(build_tiny_pipeline(ModelConfig()).vae, _images(n=8),
+                       VAEPretrainConfig(steps=2, batch_size=4, crop=32, finish_steps=3))
+    assert len(finished) == 5
+    assert len(fit_vae(build_tiny_pipeline(ModelConfig()).vae, _images(n=8),
+                       VAEPretrainConfig(steps=2, batch_size=4, finish_steps=3))) == 2
+    tiny, images = ModelConfig().tiny, _images(n=8)
+    cfg = VAEPretrainConfig(steps=2, crop=32)
+    finishing = cfg.model_copy(update={"finish_steps": 3})
+    assert fit_key(tiny, 64, finishing, 0, images) != fit_key(tiny, 64, cfg, 0, images)

@@ -10,7 +10,9 @@ that buy fidelity per CPU second rather than a smaller model:
 - L1 + MSE: L1 keeps edges where MSE alone averages them away;
 - a one-cycle learning rate, which reaches a given loss in far fewer steps than a constant one;
 - optionally (`crop`) random crops instead of whole images: the network is convolutional, a crop of half the
-  side costs about a quarter of a step, and on these 2 cores CPU seconds, not images, are what runs out;
+  side costs about a quarter of a step, and on these 2 cores CPU seconds, not images, are what runs out; then
+  (`finish_steps`) a short phase on whole images, because GroupNorm normalises over the extent it is shown, and
+  a decoder that only saw crops puts a whole image's intensities off by a constant;
 - 16 latent channels at 1/4 of the image size (as many numbers as grey pixels; SD3 and FLUX moved to 16 for the
   same reason), which costs the UNet almost nothing since its work scales with the latent's area.
 
@@ -49,10 +51,22 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEPretrainConfig, seed
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     data = images_to_tensor(images, vae.device, vae.dtype)
-    losses = []
-    for _ in range(cfg.steps):
+    losses: list[float] = []
+    _fit_phase(vae, data, cfg, cfg.crop, optimizer, schedule, cfg.steps, generator, losses)
+    if cfg.crop is not None and cfg.finish_steps:
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr / 10)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.finish_steps)
+        _fit_phase(vae, data, cfg, None, optimizer, schedule, cfg.finish_steps, generator, losses)
+    vae.eval()
+    return losses
+
+
+def _fit_phase(vae: AutoencoderKL, data: torch.Tensor, cfg: VAEPretrainConfig, crop: int | None, optimizer,
+               schedule, steps: int, generator: torch.Generator, losses: list[float]) -> None:
+    """`steps` optimiser steps on batches of `data`, cropped to `crop` (None: whole images); appends the losses."""
+    for _ in range(steps):
         idx = torch.randint(0, len(data), (min(cfg.batch_size, len(data)),), generator=generator)
-        x = data[idx] if cfg.crop is None else random_crops(data[idx], cfg.crop, generator)
+        x = data[idx] if crop is None else random_crops(data[idx], crop, generator)
         posterior = vae.encode(x).latent_dist
         z = posterior.mode() if cfg.deterministic else posterior.sample(generator=generator)
         recon = vae.decode(z).sample
@@ -66,9 +80,7 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, cfg: VAEPretrainConfig, seed
         schedule.step()
         losses.append(loss.item())
         if len(losses) % 100 == 0:
-            log.info("VAE fit step %d/%d: loss %.4f", len(losses), cfg.steps, losses[-1])
-    vae.eval()
-    return losses
+            log.info("VAE fit step %d: loss %.4f", len(losses), losses[-1])
 
 
 def random_crops(x: torch.Tensor, size: int, generator: torch.Generator, align: int = 4) -> torch.Tensor:
