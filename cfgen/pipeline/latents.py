@@ -70,6 +70,8 @@ def latent_dataset(job: JobConfig, decoded_uri: str, base_model_uri: str, splits
             num_cpus=job.train.cpus_per_worker,
             num_gpus=1 if job.train.use_gpu else None,
         )
+        # the cache keeps the images' order, so that two builds of one config train on the same batches
+        encoded.context.execution_options.preserve_order = True
         encoded.write_parquet(path, filesystem=fs)
         write_bytes(join_uri(uri, "_SUCCESS"), b"", job.storage)
         log.info("latents of %s cached at %s", base_model_uri, uri)

@@ -40,10 +40,14 @@ def fine_tune(
     output_model_uri: str,
     mlflow_run_id: str | None = None,
 ) -> FineTuneResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     train = job.train
+    # Ray Data hands out blocks as they finish unless told otherwise, so two runs of one config trained on other
+    # batches and came out measurably different (bench/RESULTS.md, session 12): keep the dataset's own order
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = 1
@@ -66,6 +70,7 @@ def fine_tune(
             failure_config=FailureConfig(max_failures=0),
         ),
         datasets={"train": train_ds},
+        dataset_config=DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     if result.checkpoint is None:
