@@ -210,6 +210,32 @@ def test_a_subjects_seeds_are_averaged_into_one_observation():
 
 
 
+def test_a_spill_writes_a_record_batch_per_row_group_and_reads_back_filtered(tmp_path, monkeypatch):
+    """Batches of a few rows are written as one record batch per SPILL_ROW_GROUP rows (not one per append, whose
+    array headers would dwarf the numbers on every read), in both formats, and read back with a filter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import cfgen.discovery.analysis as analysis
+
+    monkeypatch.setattr(analysis, "SPILL_ROW_GROUP", 40)
+    for fmt, name in (("ipc", "rows.arrow"), ("parquet", "rows.parquet")):
+        spill = analysis._Spill(str(tmp_path / name), format=fmt)
+        for start in range(0, 100, 10):
+            spill.append({"edit_name": np.array(["a=1", "b=1"] * 5, dtype=object),
+                          "x": np.arange(start, start + 10, dtype=float)})
+        spill.close()
+        if fmt == "ipc":  # 10 appends of 10 rows, flushed every 40
+            assert [b.num_rows for b in spill.batches()] == [40, 40, 20]
+            with pa.ipc.open_file(spill.files[0]) as reader:
+                assert reader.num_record_batches == 3
+        else:
+            assert pq.ParquetFile(spill.files[0]).metadata.num_row_groups == 3
+        only_a = spill.read(("edit_name", "a=1"))
+        assert only_a["x"].tolist() == list(range(0, 100, 2)), fmt
+        assert spill.read(("edit_name", "c=1")).empty
+
+
 def test_a_large_spill_is_read_in_slices_that_keep_each_subjects_seeds_together(tmp_path, monkeypatch):
     """Summarising reads the spill a slice at a time (hash-partitioned by subject) once it exceeds GROUP_ROWS;
     the statistics must come out the same as from one read, and no subject's seeds may land in two slices."""

@@ -241,7 +241,9 @@ class _Spill:
                                                                              f"{stem.suffix}")))
             self.writer = (pq.ParquetWriter(self.files[-1], self.schema) if self.format == "parquet"
                            else pa.ipc.new_file(self.files[-1], self.schema))
-        self.writer.write_table(pa.concat_tables(self.pending))
+        # one record batch: the appended batches (a few hundred rows each) kept as chunks would make every read
+        # build a table of hundreds of chunks per column, megabytes of array headers for a megabyte of numbers
+        self.writer.write_table(pa.concat_tables(self.pending).combine_chunks())
         self.pending = []
 
     def close(self) -> None:
@@ -252,14 +254,32 @@ class _Spill:
 
     def read(self, where: tuple[str, Any] | None = None) -> pd.DataFrame:
         """The rows (where `column == value`); an empty frame when nothing was appended."""
-        import pyarrow.dataset as pds
+        import pyarrow as pa
 
         self.close()
-        if not self.files:
+        batches = list(self.batches(where))
+        if not batches:
             return pd.DataFrame()
-        # one thread: Arrow's pool threads would each leave freed memory in a malloc arena of their own
-        return pds.dataset(self.files, format=self.format).to_table(
-            filter=_where(where), use_threads=False).to_pandas(use_threads=False)
+        return pa.Table.from_batches(batches).to_pandas(use_threads=False)
+
+    def batches(self, where: tuple[str, Any] | None = None) -> Iterator[Any]:
+        """The spill's record batches (where `column == value`), one at a time.
+
+        Arrow files are read from memory-mapped files, batch by batch, without Arrow's dataset scanner: the
+        scanner's read-ahead threads left ~20-27 MB of freed pages in malloc arenas of their own in the driver,
+        kept after the read, at 100,000 rows (bench/RESULTS.md, discovery at scale); the mapped pages are the
+        page cache's, not the process's. Parquet (the per-subject output) is read one row group at a time."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.close()
+        for path in self.files:
+            if self.format == "ipc":
+                with pa.memory_map(path) as source, pa.ipc.open_file(source) as reader:
+                    parts = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                    yield from _filtered(parts, where)
+            else:
+                yield from _filtered(pq.ParquetFile(path).iter_batches(use_threads=False), where)
 
     def groups(self, where: tuple[str, Any] | None = None, key: str = "image_id",
                rows: int | None = None) -> Iterator[pd.DataFrame]:
@@ -267,7 +287,6 @@ class _Spill:
         `key`: hash-partitioned through local files next to the spill when there are more, so whoever reads them
         holds a slice, not the run. One slice, in file order, when the spill is small."""
         import pyarrow as pa
-        import pyarrow.dataset as pds
 
         self.close()
         parts = -(-self.rows // (rows or GROUP_ROWS))
@@ -276,12 +295,11 @@ class _Spill:
             if not frame.empty:
                 yield frame
             return
-        data = pds.dataset(self.files, format=self.format)
         # Arrow IPC streams, not Parquet: an open Parquet writer per slice keeps encoder buffers per column
         paths = [Path(self.path).with_name(f"{Path(self.path).stem}.part{j}.arrow") for j in range(parts)]
         writers: dict[int, Any] = {}
         try:
-            for batch in data.to_batches(filter=_where(where), batch_size=8192, use_threads=False):
+            for batch in self.batches(where):
                 ids = batch.column(key).to_numpy(zero_copy_only=False).astype(object)
                 bucket = pd.util.hash_array(ids) % parts
                 for j in np.unique(bucket).tolist():
@@ -303,11 +321,15 @@ class _Spill:
 
 
 
-def _where(where: tuple[str, Any] | None):
-    """`column == value` as an Arrow dataset filter (None: every row)."""
-    import pyarrow.dataset as pds
+def _filtered(batches: Iterable[Any], where: tuple[str, Any] | None) -> Iterator[Any]:
+    """The rows of each batch where `column == value` (every row when `where` is None), empty batches left out."""
+    import pyarrow.compute as pc
 
-    return pds.field(where[0]) == where[1] if where else None
+    for batch in batches:
+        if where is not None:
+            batch = batch.filter(pc.equal(batch.column(where[0]), where[1]))
+        if batch.num_rows:
+            yield batch
 
 
 def _arrow_column(values: np.ndarray, text: bool = False):
