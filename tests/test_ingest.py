@@ -87,6 +87,38 @@ def test_training_rows_stream_with_the_split_filter(ray_local, tmp_path):
     assert set(batch) == {"image", "prompt"}
 
 
+def test_decoded_files_keep_the_manifests_order(ray_local, tmp_path, monkeypatch):
+    """Read in file-name order, the decoded rows are the manifest's rows in its order, even when the first
+    block's decode finishes last: what makes the VAE's fit images, the latent cache and training the same on every
+    ingest of the same data."""
+    import time
+
+    import cfgen.pipeline.data as data
+    import cfgen.pipeline.ingest as ingest_module
+
+    write_phantoms(PhantomConfig(n=96, size=64, seed=4), str(tmp_path / "ph"))
+    decode_stage = data.DecodeStage
+    order = pd.read_parquet(tmp_path / "ph" / "manifest.parquet")["image_id"].tolist()
+    first_block = set(order[:6])
+
+    def first_block_last(batch, data, storage):  # defined here, so Ray ships it by value
+        if batch["image_id"][0].as_py() in first_block:
+            time.sleep(3)
+        return decode_stage(data, storage)(batch)
+
+    small_blocks = data.manifest_dataset
+    monkeypatch.setattr(ingest_module, "manifest_dataset", lambda rows: small_blocks(rows, rows_per_block=6))
+    monkeypatch.setattr(ingest_module, "decode_dataset", lambda rows, data, storage: rows.map_batches(
+        first_block_last, fn_kwargs={"data": data, "storage": storage}, batch_size=6, batch_format="pyarrow",
+        num_cpus=0.5))
+    job = JobConfig.model_validate({"output_uri": str(tmp_path / "out"),
+                                    "data": {"manifest_uri": str(tmp_path / "ph" / "manifest.parquet")}})
+    decoded = ingest_module.ingest(job).decoded_uri
+    files = sorted(p for p in fsspec_filesystem(decoded, job.storage)[0].ls(decoded) if p.endswith(".parquet"))
+    ids = [i for f in files for i in pq.read_table(f, columns=["image_id"])["image_id"].to_pylist()]
+    assert ids == order
+
+
 def test_ingest_of_a_folder_mixing_good_and_truncated_files(ray_local, tmp_path):
     """Files cut short in transfer are error rows, each named in the errors table; the good ones decode."""
     from PIL import Image
