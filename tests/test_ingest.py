@@ -108,9 +108,7 @@ def test_decoded_files_keep_the_manifests_order(ray_local, tmp_path, monkeypatch
 
     small_blocks = data.manifest_dataset
     monkeypatch.setattr(ingest_module, "manifest_dataset", lambda rows: small_blocks(rows, rows_per_block=6))
-    monkeypatch.setattr(ingest_module, "decode_dataset", lambda rows, data, storage: rows.map_batches(
-        first_block_last, fn_kwargs={"data": data, "storage": storage}, batch_size=6, batch_format="pyarrow",
-        num_cpus=0.5))
+    monkeypatch.setattr(data, "_decode_batch", first_block_last)  # what `decode_dataset` maps over the rows
     job = JobConfig.model_validate({"output_uri": str(tmp_path / "out"),
                                     "data": {"manifest_uri": str(tmp_path / "ph" / "manifest.parquet")}})
     decoded = ingest_module.ingest(job).decoded_uri

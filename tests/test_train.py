@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     from cfgen.models.sd import load_pipeline
     from cfgen.models.sd import encode_images
+    from cfgen.pipeline.data import in_order
     from cfgen.pipeline.ingest import ingest, training_dataset
     from cfgen.pipeline.latents import latent_dataset, latents_uri
     from cfgen.pipeline.workflows import base_model, run_phantoms, vae_fit_images
@@ -60,8 +61,7 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
     # the cache keeps the images' order and training keeps the cache's: one config and its data, one model. At 64
     # rows the data is one block and its order cannot vary; what this catches here is an unseeded draw in the loop
     # (the order's part was measured on 3,223 rows: bench/RESULTS.md, session 12)
-    ordered = training_dataset(job, decoded)
-    ordered.context.execution_options.preserve_order = True
+    ordered = in_order(training_dataset(job, decoded))
     assert list(stored["prompt"]) == list(ordered.take_batch(ordered.count(), batch_format="numpy")["prompt"])
     again_job = job.model_copy(update={"train": job.train.model_copy(update={"run_name": "same-config-again"})})
     twice = load_pipeline(fine_tune(again_job, latent_dataset(job, decoded, base), base,

@@ -143,6 +143,14 @@ class DecodeStage:
         return append_columns(table, added)
 
 
+def in_order(ds):
+    """`ds`, executed in its input's row order (on its own context, not the process's). Ray Data otherwise hands
+    blocks on as they finish, so what is written or trained on would change from run to run (bench/RESULTS.md,
+    reproducible training)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def manifest_dataset(rows: pd.DataFrame, rows_per_block: int = 256):
     """A Ray Dataset over manifest rows, in blocks small enough that decode tasks run in parallel."""
     import ray.data

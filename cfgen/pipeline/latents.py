@@ -53,6 +53,7 @@ def latent_dataset(job: JobConfig, decoded_uri: str, base_model_uri: str, splits
     """The (latents, prompt) training set of `base_model_uri`'s VAE: read from the cache, encoded first if absent."""
     import ray.data
 
+    from cfgen.pipeline.data import in_order
     from cfgen.pipeline.ingest import training_dataset
 
     uri = latents_uri(job, base_model_uri)
@@ -71,8 +72,7 @@ def latent_dataset(job: JobConfig, decoded_uri: str, base_model_uri: str, splits
             num_gpus=1 if job.train.use_gpu else None,
         )
         # the cache keeps the images' order, so that two builds of one config train on the same batches
-        encoded.context.execution_options.preserve_order = True
-        encoded.write_parquet(path, filesystem=fs)
+        in_order(encoded).write_parquet(path, filesystem=fs)
         write_bytes(join_uri(uri, "_SUCCESS"), b"", job.storage)
         log.info("latents of %s cached at %s", base_model_uri, uri)
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])

@@ -104,18 +104,12 @@ def vae_fit_images(job: JobConfig, decoded_uri: str) -> np.ndarray:
     """The first `train.vae.images` training images in the order of the decoded files. The fit and its cache key
     depend on which images and in what order, and Ray Data's parallel read keeps no order unless asked: without
     it every run drew another order and refitted (measured: the cache missed on the same data)."""
-    import ray.data
-
+    from cfgen.pipeline.data import in_order
     from cfgen.pipeline.ingest import training_dataset
 
     n = job.train.vae.images
-    context = ray.data.DataContext.get_current()
-    kept = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True
-    try:
-        return np.asarray(training_dataset(job, decoded_uri).limit(n).take_batch(n, batch_format="numpy")["image"])
-    finally:
-        context.execution_options.preserve_order = kept
+    images = in_order(training_dataset(job, decoded_uri).limit(n)).take_batch(n, batch_format="numpy")["image"]
+    return np.asarray(images)
 
 
 def base_model(job: JobConfig, decoded_uri: str) -> str:
