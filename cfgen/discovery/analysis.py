@@ -256,8 +256,7 @@ class _Spill:
         """The rows (where `column == value`); an empty frame when nothing was appended."""
         import pyarrow as pa
 
-        self.close()
-        batches = list(self.batches(where))
+        batches = list(self.batches(where))  # closes the file being written
         if not batches:
             return pd.DataFrame()
         return pa.Table.from_batches(batches).to_pandas(use_threads=False)
