@@ -22,10 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: every socket stays bound until all are chosen (one at a time, the kernel
+    may hand the same port out twice, and Ray then refuses to start: seen once in a fresh clone's `make test`)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _ray(*args, env, timeout=120, check=True):
@@ -41,7 +48,7 @@ def head():
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    port, dashboard, *agent = (_free_port() for _ in range(6))
+    port, dashboard, *agent = _free_ports(6)
     # token auth off for this loopback-only head (the job CLI would otherwise need the token the head generates)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "",
            "RAY_AUTH_MODE": "disabled"}
