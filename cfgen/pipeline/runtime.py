@@ -17,10 +17,10 @@ JOB_ENV = {
     # The system allocator hands large buffers back (bench/RESULTS.md, discovery at scale).
     "ARROW_DEFAULT_MEMORY_POOL": "system",
     # Ray Data lists Parquet footers with a pool of 32 actors per read (its default, sized for listings of many
-    # thousands of remote files). cfgen reads its own tables, a few large files each: two actors of 128 concurrent
-    # reads are plenty, and the other 30 processes (~1.8 s of CPU each to start) were the largest part of a small
-    # job's start-up (bench/RESULTS.md, the generation job).
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+    # thousands of remote files). cfgen reads its own tables, a few large files each: one actor of 128 concurrent
+    # reads is plenty, and each further process (~1 s of CPU to start) was start-up a small job paid for nothing
+    # (bench/RESULTS.md, the generation job).
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
 }
 
 
@@ -47,10 +47,9 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
         env_vars["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     if ray.is_initialized():
         return ray
-    runtime_env = {"env_vars": env_vars}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    if address:  # a cluster started elsewhere: its workers get the environment through the job's runtime env
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return ray
     # Ray registers the node under the machine's external address by default; the embedded run stays on
     # loopback. Ray reads this switch when `ray` is first imported, so the already-imported constant is set too
@@ -59,12 +58,16 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # A Ray started here inherits this process's environment, so the job needs no runtime environment of its own.
+    # With one, none of the workers Ray prestarts at start-up (one per CPU, `ray` already imported) could serve
+    # the job: each actor and task waited for a fresh process, ~2.5 s of a 60 s generation job on 2 CPUs
+    # (bench/RESULTS.md, the generation job).
+    os.environ.update(env_vars)
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=cfg.num_cpus,
         object_store_memory=cfg.object_store_memory,
-        runtime_env=runtime_env,
         log_to_driver=True,
     )
     return ray
