@@ -177,7 +177,7 @@ def test_every_ray_worker_of_a_job_gets_the_job_environment(ray_local):
     assert pool == "system"
 
 
-def test_a_local_ray_serves_the_job_from_its_prestarted_workers(ray_local):
+def test_a_local_ray_gives_the_job_no_runtime_env_so_its_prestarted_workers_can_serve_it(ray_local):
     """The Ray `init_ray` starts inherits the job's environment, so the job has no runtime env of its own: with
     one, Ray could not hand the job any of the workers it prestarts (one per CPU), and every actor of a small job
     waited for a new process (bench/RESULTS.md, the generation job)."""
