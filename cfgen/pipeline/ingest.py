@@ -15,7 +15,7 @@ import pandas as pd
 from cfgen.config import JobConfig
 from cfgen.io.manifest import ERROR_COLUMNS, errors_frame
 from cfgen.io.storage import exists, fsspec_filesystem, join_uri, pyarrow_filesystem, read_bytes, write_bytes
-from cfgen.pipeline.data import decode_dataset, in_order, load_manifest, manifest_dataset
+from cfgen.pipeline.data import decode_dataset, load_manifest, manifest_dataset
 
 SUCCESS = "_SUCCESS"
 
@@ -50,11 +50,14 @@ def ingest(job: JobConfig, output_uri: str | None = None) -> IngestResult:
 
     pa_fs, pa_path = pyarrow_filesystem(decoded_uri, job.storage)
     if len(rows):
-        # the decoded files hold the manifest's rows in its order (file k: the k-th block), so that the VAE's fit
-        # images, the latent cache and training's batches are the same on every ingest of the same data; without
-        # it a write task took whichever block finished first (measured: file 5 of an ingest held block 6)
-        decoded = in_order(decode_dataset(manifest_dataset(rows), job.data, job.storage))
-        decoded.write_parquet(pa_path, filesystem=pa_fs)
+        # the decoded files hold the manifest's rows in its order, so that the VAE's fit images, the latent cache
+        # and training's batches are the same on every ingest of the same data; without `in_order` a write task
+        # took whichever block finished first (file 5 of an ingest held block 6), and Ray's own Parquet writer
+        # may reorder the blocks inside one task's file (block 13 after 14 and 15)
+        from cfgen.pipeline.ordered_parquet import write_parquet_in_order
+
+        decoded = decode_dataset(manifest_dataset(rows), job.data, job.storage)
+        write_parquet_in_order(decoded, pa_path, pa_fs)
         decode_errors = read_errors(decoded_uri, job)
         n_decoded = count_rows(decoded_uri, job)
     else:

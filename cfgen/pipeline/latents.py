@@ -53,8 +53,8 @@ def latent_dataset(job: JobConfig, decoded_uri: str, base_model_uri: str, splits
     """The (latents, prompt) training set of `base_model_uri`'s VAE: read from the cache, encoded first if absent."""
     import ray.data
 
-    from cfgen.pipeline.data import in_order
     from cfgen.pipeline.ingest import training_dataset
+    from cfgen.pipeline.ordered_parquet import write_parquet_in_order
 
     uri = latents_uri(job, base_model_uri)
     fs, path = pyarrow_filesystem(uri, job.storage)
@@ -72,7 +72,7 @@ def latent_dataset(job: JobConfig, decoded_uri: str, base_model_uri: str, splits
             num_gpus=1 if job.train.use_gpu else None,
         )
         # the cache keeps the images' order, so that two builds of one config train on the same batches
-        in_order(encoded).write_parquet(path, filesystem=fs)
+        write_parquet_in_order(encoded, path, fs)
         write_bytes(join_uri(uri, "_SUCCESS"), b"", job.storage)
         log.info("latents of %s cached at %s", base_model_uri, uri)
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
