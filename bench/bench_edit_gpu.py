@@ -132,25 +132,34 @@ def run_method(pipe, name: str, images, factual, cf_prompts, steps: int) -> dict
 
 
 def batch_dependence(pipe, name: str, images, factual, cf_prompts, steps: int, alone: int) -> dict:
-    """The first `alone` images edited one at a time against the same images inside the whole batch: the largest
-    difference of a counterfactual, in grey levels of 255 (0 = independent of the batch)."""
+    """The first `alone` images edited one at a time, and first in a batch of the same size with the other images in
+    reverse order, against the same images inside the whole batch: the largest difference of a counterfactual in
+    grey levels of 255 for each (0 = independent of the batch's size / of its other images and their order)."""
     from cfgen.editing.engine import counterfactuals
     from cfgen.editing.inversion_cache import InversionCache
 
     options = options_of(name, steps)
     seeds = list(range(len(images)))
-    whole = counterfactuals(pipe, images, factual, cf_prompts, seeds=seeds, inversion_cache=InversionCache(),
-                            **options).counterfactuals
-    worst = 0.0
+
+    def edit(rows: list[int]) -> list[np.ndarray]:
+        return counterfactuals(pipe, images[rows], [factual[r] for r in rows], [[p[r] for r in rows] for p in cf_prompts],
+                               seeds=[seeds[r] for r in rows], inversion_cache=InversionCache(),
+                               **options).counterfactuals
+
+    def difference(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max() * 255.0)
+
+    whole = edit(list(range(len(images))))
+    worst_alone = worst_others = 0.0
     for i in range(alone):
-        one = counterfactuals(pipe, images[i:i + 1], factual[i:i + 1], [p[i:i + 1] for p in cf_prompts],
-                              seeds=seeds[i:i + 1], inversion_cache=InversionCache(), **options).counterfactuals
+        one = edit([i])
+        others = edit([i] + [j for j in reversed(range(len(images))) if j != i])
         for e in range(len(cf_prompts)):
-            a, b = (np.asarray(x, dtype=np.float64) for x in (whole[e][i], one[e][0]))
-            scale = 255.0 if np.asarray(whole[e]).dtype == np.uint8 else 1.0
-            worst = max(worst, float(np.abs(a - b).max() * 255.0 / scale))
-    return {"kind": "batch_dependence", "method": name, "batch": len(images), "alone": alone,
-            "max_difference_grey_levels": round(worst, 3)}
+            worst_alone = max(worst_alone, difference(whole[e][i], one[e][0]))
+            worst_others = max(worst_others, difference(whole[e][i], others[e][0]))
+    return {"kind": "batch_dependence", "method": name, "batch": len(images), "alone": alone, "steps": steps,
+            "max_difference_grey_levels": round(worst_alone, 4),
+            "same_size_other_order_max_difference_grey_levels": round(worst_others, 4)}
 
 
 def rounding_probe(pipe, name: str, images, factual, cf_prompts, steps: int, config: str | None = None,
@@ -236,6 +245,8 @@ def main() -> None:
                         help="auto: bf16 on CUDA, fp32 on CPU, as the generation job's actors load the model")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--model", help="a diffusers folder to load instead of building --shape with random weights")
+    parser.add_argument("--batch-check", nargs="*", default=[], metavar="METHOD",
+                        help="only the batch-dependence check (batch_dependence), for these methods")
     parser.add_argument("--probe", nargs="*", default=[], metavar="METHOD",
                         help="only the rounding probe (rounding_probe), for these methods ('config': --config's)")
     parser.add_argument("--config", help="a job config whose edit section is the method 'config'")
@@ -279,6 +290,12 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
+    if args.batch_check:
+        for name in args.batch_check:
+            rows.append(batch_dependence(pipe, name, images, factual, cf_prompts, args.steps, args.alone))
+            print(json.dumps(rows[-1]), flush=True)
+            save()
+        return
     if args.probe:
         for name in args.probe:
             rows.append(rounding_probe(pipe, name, images, factual, cf_prompts, args.steps, args.config,
