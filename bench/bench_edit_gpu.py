@@ -132,34 +132,41 @@ def run_method(pipe, name: str, images, factual, cf_prompts, steps: int) -> dict
 
 
 def batch_dependence(pipe, name: str, images, factual, cf_prompts, steps: int, alone: int) -> dict:
-    """The first `alone` images edited one at a time, and first in a batch of the same size with the other images in
-    reverse order, against the same images inside the whole batch: the largest difference of a counterfactual in
-    grey levels of 255 for each (0 = independent of the batch's size / of its other images and their order)."""
+    """The first `alone` images edited one at a time, first in a batch of the same size with the other images in
+    reverse order, and alone padded to the batch's size (`cfgen.editing.padding`), against the same images inside
+    the whole batch: the largest difference of a counterfactual in grey levels of 255 for each (0 = independent of
+    the batch's size / of its other images and their order / of the batch, padded)."""
     from cfgen.editing.engine import counterfactuals
     from cfgen.editing.inversion_cache import InversionCache
+    from cfgen.editing.padding import counterfactuals_padded
 
     options = options_of(name, steps)
     seeds = list(range(len(images)))
 
-    def edit(rows: list[int]) -> list[np.ndarray]:
-        return counterfactuals(pipe, images[rows], [factual[r] for r in rows], [[p[r] for r in rows] for p in cf_prompts],
-                               seeds=[seeds[r] for r in rows], inversion_cache=InversionCache(),
+    def edit(rows: list[int], pad_to: int | None = None) -> list[np.ndarray]:
+        args = (pipe, images[rows], [factual[r] for r in rows], [[p[r] for r in rows] for p in cf_prompts])
+        if pad_to:
+            return counterfactuals_padded(*args, pad_to, seeds=[seeds[r] for r in rows], **options).counterfactuals
+        return counterfactuals(*args, seeds=[seeds[r] for r in rows], inversion_cache=InversionCache(),
                                **options).counterfactuals
 
     def difference(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max() * 255.0)
 
     whole = edit(list(range(len(images))))
-    worst_alone = worst_others = 0.0
+    worst_alone = worst_others = worst_padded = 0.0
     for i in range(alone):
         one = edit([i])
         others = edit([i] + [j for j in reversed(range(len(images))) if j != i])
+        padded = edit([i], pad_to=len(images))
         for e in range(len(cf_prompts)):
             worst_alone = max(worst_alone, difference(whole[e][i], one[e][0]))
             worst_others = max(worst_others, difference(whole[e][i], others[e][0]))
+            worst_padded = max(worst_padded, difference(whole[e][i], padded[e][0]))
     return {"kind": "batch_dependence", "method": name, "batch": len(images), "alone": alone, "steps": steps,
             "max_difference_grey_levels": round(worst_alone, 4),
-            "same_size_other_order_max_difference_grey_levels": round(worst_others, 4)}
+            "same_size_other_order_max_difference_grey_levels": round(worst_others, 4),
+            "alone_padded_max_difference_grey_levels": round(worst_padded, 4)}
 
 
 def rounding_probe(pipe, name: str, images, factual, cf_prompts, steps: int, config: str | None = None,

@@ -352,6 +352,12 @@ class EditConfig(_Section):
     edits: list[dict[str, Any]] = [{"support_devices": 0}, {"pleural_effusion": 1}]
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+    pad_batches: bool = Field(
+        False, description="pad every engine call to batch_size images (Serve: serve.max_batch_size) with filler "
+                           "images whose results are dropped, so that an image's counterfactual is the same to the "
+                           "bit whatever batch, rerun, resume or actor count it comes from (a batch of another size "
+                           "rounds differently: bench/RESULTS.md); costs the partial batches' padding and the reuse "
+                           "of inversions across calls")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)

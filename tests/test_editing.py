@@ -192,6 +192,39 @@ def test_counterfactuals_do_not_depend_on_the_batch_they_were_made_in(pipe):
         assert np.array_equal(whole.counterfactuals[0], again.counterfactuals[0])
 
 
+@pytest.mark.parametrize("method", ["ddpm", "direct"])
+def test_padded_calls_give_an_image_the_same_counterfactual_to_the_bit_in_any_batch(pipe, method):
+    """Unpadded, an image edited alone differs from itself edited in a batch of 4 by rounding (ddpm: 0.13 grey
+    levels here); padded to 4, alone, second of two or in the full batch, it is the same to the bit."""
+    from cfgen.editing.inversion_cache import InversionCache
+    from cfgen.editing.padding import counterfactuals_padded
+
+    images = _images(6, 4)
+    prompts = ["a chest x-ray of a patient, smoker", "a chest x-ray", "a chest x-ray with cardiomegaly",
+               "a chest x-ray, support devices"]
+    edits = [["a chest x-ray of a patient, non-smoker"] * 4, ["a chest x-ray with pleural effusion"] * 4]
+    options = dict(method=method, num_inference_steps=6, guidance_scale=3.0, self_replace=(0.6,))
+
+    def edit(rows, pad_to=None):
+        args = (pipe, images[rows], [prompts[r] for r in rows], [[e[r] for r in rows] for e in edits])
+        if pad_to:
+            return counterfactuals_padded(*args, pad_to, seeds=[20 + r for r in rows], **options)
+        return counterfactuals(*args, seeds=[20 + r for r in rows], inversion_cache=InversionCache(), **options)
+
+    whole, alone, pair = edit([0, 1, 2, 3], 4), edit([1], 4), edit([3, 1], 4)
+    for e in range(len(edits)):
+        assert np.array_equal(whole.counterfactuals[e][1], alone.counterfactuals[e][0])
+        assert np.array_equal(whole.counterfactuals[e][1], pair.counterfactuals[e][1])
+        assert alone.counterfactuals[e].shape == (1, *images.shape[1:]) and len(alone.settings[e]) == 1
+    assert np.array_equal(whole.null_edit[1], alone.null_edit[0])
+    assert alone.unet_forward == pytest.approx(4 * whole.unet_forward)  # the fillers' rows are charged to it
+    unpadded_whole, unpadded_alone = edit([0, 1, 2, 3]), edit([1])
+    assert not np.array_equal(unpadded_whole.counterfactuals[0][1], unpadded_alone.counterfactuals[0][0])
+    chunked = edit([0, 1, 2, 3, 1], 2)  # more images than a call holds: calls of 2, the last one padded
+    assert np.array_equal(chunked.counterfactuals[1][4], edit([1], 2).counterfactuals[1][0])
+    assert [len(c) for c in chunked.counterfactuals] == [5, 5] and len(chunked.settings[0]) == 5
+
+
 def test_the_null_edit_is_the_input_after_compositing(pipe):
     images = _images(6)
     result = counterfactuals(pipe, images, FACTUAL, [FACTUAL], num_inference_steps=3)

@@ -242,3 +242,20 @@ def test_the_fused_and_the_separate_stage_layouts_write_the_same_rows_and_images
     assert all(fused[2][name] == separate[2][name] for name in fused[2])  # byte for byte
     for column in ("counterfactual_prompt", "edit_applied", "unet_evaluations"):
         assert list(fused[0][column]) == list(separate[0][column])
+
+
+def test_padded_batches_give_an_image_the_same_counterfactual_whatever_else_the_job_edits(phantom_set):
+    """`edit.pad_batches`: the three images a limited run edits come out byte for byte as in a run over all of
+    them, where they shared batches (and rule groups) with other images."""
+    from cfgen.pipeline.generate import generate
+
+    root, decoded = phantom_set
+    pngs = {}
+    for name, limit in (("pad-all", None), ("pad-three", 3)):
+        job = _job(root, name, batch_size=4, pad_batches=True, num_inference_steps=4, limit=limit)
+        out = generate(job, str(root / "sd"), decoded)
+        assert out.failed <= 2 and out.done >= 4
+        images = root / name / "generate" / "images"
+        pngs[name] = {p.name: p.read_bytes() for p in images.rglob("*.png") if "__factual" not in p.name}
+    assert 4 <= len(pngs["pad-three"]) <= 6 and set(pngs["pad-three"]) < set(pngs["pad-all"])
+    assert all(pngs["pad-three"][name] == pngs["pad-all"][name] for name in pngs["pad-three"])

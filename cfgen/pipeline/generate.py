@@ -122,7 +122,8 @@ class CounterfactualStage:
               edits: list[dict[str, Any]], keys: list[list[str]], failure: str | None = None) -> pa.Table:
         """The rows of `members` x `edits`; with `failure` (the reason an edit raised), the same rows without
         editing: zero images, the reason in `failure_reason`, so every batch keeps one schema."""
-        from cfgen.editing.engine import EngineResult, counterfactuals, engine_options
+        from cfgen.editing.engine import EngineResult, engine_options
+        from cfgen.editing.padding import engine_call
 
         edit = self.rules[rule].model_copy(update={"edits": edits, "seed": seed})
         prompt: PromptConfig = self.job.data.prompt
@@ -137,8 +138,9 @@ class CounterfactualStage:
         options = dict(engine_options(edit), masks=masks, seeds=[edit_seed(r["image_id"], seed) for r in rows],
                        hold_prompts=edit_hold_prompts(rows, edits, edit, prompt) if failure is None else None)
         n, k = len(rows), len(edits)
+        edit_images = engine_call(edit.batch_size if edit.pad_batches else None)
         if failure is None:
-            result = counterfactuals(self.pipe, pixels, factual, cf_prompts, select=self._select(edit), **options)
+            result = edit_images(self.pipe, pixels, factual, cf_prompts, select=self._select(edit), **options)
         else:
             zeros = np.zeros(pixels.shape, dtype=np.float32)
             result = EngineResult(counterfactuals=[zeros] * k, null_edit=zeros, autoencoded=zeros,
@@ -150,7 +152,7 @@ class CounterfactualStage:
             # edit back: the counterfactual, edited with its own prompt as the factual one, back to the factual;
             # the way back has each row's own target, so the engine's default setting, not the selection
             # (the attributes held on the way there are held on the way back: from the edited row to the factual)
-            backs = [counterfactuals(self.pipe, _to_uint8(cf), prompts, [factual], **{
+            backs = [edit_images(self.pipe, _to_uint8(cf), prompts, [factual], **{
                          **options, "hold_prompts": edit_hold_prompts(
                              _edited_rows(rows, per_edit), [[{a: r.get(a) for a in e} for r in rows]], edit, prompt)
                          if edit.hold else None})

@@ -141,7 +141,8 @@ class Editor:
         return out
 
     def _edit_group(self, items: list[EditItem], method: str, steps: int, guidance: float, masked: bool):
-        from cfgen.editing.engine import counterfactuals, engine_options
+        from cfgen.editing.engine import engine_options
+        from cfgen.editing.padding import engine_call
         from cfgen.io.prompts import build_prompt
         from cfgen.metrics.image import as_unit_float
         from cfgen.pipeline.generate import edit_hold_prompts, edit_seed, planned_edit
@@ -161,7 +162,8 @@ class Editor:
                        hold_prompts=edit_hold_prompts([item.factual for item in items],
                                                       [[item.edit for item in items]], config, prompt_cfg))
         with self._lock:
-            result = counterfactuals(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)
+            edit_images = engine_call(self.job.serve.max_batch_size if config.pad_batches else None)
+            result = edit_images(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)
         cfs = result.counterfactuals[0]
         metrics = self._metrics(images, cfs, result.null_edit, items, planned)
         return [EditOutcome(
