@@ -10,7 +10,7 @@ call the same shapes. The fillers cost their UNet rows (reported in the result's
 
 What still changes shapes: inversions reused from an earlier call (only the missing images would be inverted, in
 a smaller batch), so a padded call keeps none across calls; and null-text inversion's early stop, which leaves
-converged images out of the optimised batch, so `null_text` is reproducible only as far as rounding allows.
+converged images out of the optimised batch (on CPU that has not changed a bit: bench/RESULTS.md).
 """
 
 from __future__ import annotations
