@@ -310,6 +310,12 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             save()
         return
+    for name in ("ddim", "ddpm"):  # first: the cheap correctness check, before null-text's long timing
+        if name in args.methods and args.alone:
+            row = batch_dependence(pipe, name, images, factual, cf_prompts, args.steps, args.alone)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            save()
     for name in args.methods:
         try:
             row = run_method(pipe, name, images, factual, cf_prompts, args.steps)
@@ -318,12 +324,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         save()
-    for name in ("ddim", "ddpm"):
-        if name in args.methods and args.alone:
-            row = batch_dependence(pipe, name, images, factual, cf_prompts, args.steps, args.alone)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            save()
     if not args.no_peers:
         for row in peer_rows(pipe, images, factual, cf_prompts, args.steps, args.n):
             print(json.dumps(row), flush=True)
