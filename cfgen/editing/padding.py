@@ -26,11 +26,22 @@ from cfgen.editing.inversion_cache import InversionCache
 
 
 def fillers(image: np.ndarray, n: int) -> np.ndarray:
-    """`n` flat images of `image`'s shape and dtype, each a different grey (no two share an inversion)."""
-    top = 65535 if image.dtype == np.uint16 else 255 if image.dtype == np.uint8 else 1.0
-    levels = (np.arange(n) * 0.37 + 0.11) % 1.0
-    values = np.round(levels * top) if top != 1.0 else levels
-    return np.stack([np.full(image.shape, v, dtype=image.dtype) for v in values])
+    """`n` images of `image`'s shape and dtype, each its own however many (two alike would share one inversion and
+    shrink the batch): mid grey, with the filler's number written in base 256 (uint8) or 65536 (uint16) into the
+    first pixels, or as a fraction into the first pixel of a float image."""
+    out = np.empty((n, *image.shape), dtype=image.dtype)
+    flat = out.reshape(n, -1)
+    if np.issubdtype(image.dtype, np.integer):
+        base = int(np.iinfo(image.dtype).max) + 1
+        flat[:] = base // 2
+        number, digit = np.arange(n), 0
+        while digit == 0 or number.any():
+            flat[:, digit] = number % base
+            number, digit = number // base, digit + 1
+    else:
+        flat[:] = 0.5
+        flat[:, 0] = np.arange(n) / n
+    return out
 
 
 def _pad(items: list, n: int) -> list:
