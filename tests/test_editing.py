@@ -231,6 +231,8 @@ def test_padded_calls_give_an_image_the_same_counterfactual_to_the_bit_in_any_ba
     assert alone.unet_forward == pytest.approx(4 * whole.unet_forward)  # the fillers' rows are charged to it
     unpadded_whole, unpadded_alone = edit([0, 1, 2, 3]), edit([1])
     assert not np.array_equal(unpadded_whole.counterfactuals[0][1], unpadded_alone.counterfactuals[0][0])
+    with pytest.raises(ValueError, match="no images to edit"):
+        counterfactuals_padded(pipe, images[:0], [], [[], []], 4, **options)
     chunked = edit([0, 1, 2, 3, 1], 2)  # more images than a call holds: calls of 2, the last one padded
     assert np.array_equal(chunked.counterfactuals[1][4], edit([1], 2).counterfactuals[1][0])
     assert [len(c) for c in chunked.counterfactuals] == [5, 5] and len(chunked.settings[0]) == 5

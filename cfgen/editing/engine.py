@@ -320,6 +320,8 @@ def counterfactuals(
     is then None)."""
     if method not in METHODS:
         raise ValueError(f"unknown editing method {method!r}; one of {METHODS}")
+    if not len(images):
+        raise ValueError("no images to edit: counterfactuals needs at least one image")
     if null_text_inner_steps < 0:
         raise ValueError(f"null_text_inner_steps must be >= 0, got {null_text_inner_steps}")
     p2p = PromptToPromptSettings(cross_replace, tuple(self_replace), edit_word_weight)

@@ -60,6 +60,9 @@ def counterfactuals_padded(pipe, images: np.ndarray, factual_prompts: list[str],
     if options.get("inversion_cache") is not None:
         raise ValueError("a padded call keeps no inversions across calls (a reused one was made in another shape)")
     images = np.asarray(images)
+    if not len(images):  # nothing to pad: the engine's own error
+        return counterfactuals(pipe, images, factual_prompts, counterfactual_prompts, masks=masks, seeds=seeds,
+                               hold_prompts=hold_prompts, **options)
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     parts = []
     for start in range(0, len(images), pad_to):
