@@ -27,7 +27,6 @@ from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
 from cfgen.metrics.image import as_unit_float, difference_map, edit_metrics
 from cfgen.pipeline.data import append_columns, tensor_column, typed_table
 from cfgen.pipeline.plan import edit_name
-from cfgen.pipeline.ingest import decoded_rows
 
 #: Arrays that travel between stages but are not written to the results table.
 _ARRAY_COLUMNS = ("image", "counterfactual", "reconstruction", "autoencoded")
@@ -610,11 +609,14 @@ def generate(
     images_skipped = int(keys.loc[keys["input_status"] == "ok", "image_id"].nunique()
                          - pending["image_id"].nunique())
     if len(pending):
-        from ray.data.expressions import col
+        from cfgen.pipeline.row_groups import RowGroupSource, plan_row_group_reads
 
         keep = [c for c in columns if c not in ("provenance", "error_stage", "error_reason") and not c.startswith("__")]
-        ds = decoded_rows(job, decoded_uri, None, columns=keep)
-        ds = ds.filter(expr=col("image_id").is_in(sorted(pending["image_id"].unique().tolist())))
+        # only the row groups that hold a pending image, filtered to those images as they are read: a resume
+        # reads what is left, and the driver's own listing of the files replaces Ray Data's footer readers
+        reads = plan_row_group_reads(decoded.files, fs, pending["image_id"].unique().tolist(),
+                                     max_rows_per_task=max(edit.batch_size, 1024))
+        ds = ray.data.read_datasource(RowGroupSource(reads, fs, columns=keep))
         # one editing batch per block (streaming, no shuffle): a map task's output is one block, so without this a
         # decoded file read as one block would be committed only when all of it is edited, and a killed job would
         # lose everything since its start instead of one batch
