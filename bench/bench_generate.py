@@ -6,6 +6,8 @@ torch thread), side by side in this run: counterfactuals/s of `cfgen.pipeline.ge
 1 and with 2 CPUs (one editing actor per CPU, one torch thread each) over the loop's, for each stage layout
 (`edit.stages`: fused, the CPU default, and separate, the GPU one). Targets: >= 0.9x on 1 CPU, >= 1.6x on 2.
 Each party runs pinned to its cores (the loop and the 1-CPU Ray run to one core: Ray's own processes included).
+No party carries an instrument in its timed run unless `--account` asks for the CPU seconds of every process by
+role (a sampler thread in the Ray parties, ~1.5% of a core).
 
 Part 2 (scale, `--keys`, 20,000): one run of `generate` over a plan of that many keys (images x edits x seeds),
 sampling every second the RSS of the driver and of every Ray worker and the object store in use; the run must end
@@ -182,7 +184,7 @@ class Sampler:
 
 
 def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int, seeds: list[int],
-            label: str, sample: bool, stages: str) -> dict:
+            label: str, sample: bool, stages: str, account: bool = False) -> dict:
     """`generate` on a fresh local Ray with `cpus` CPUs (one editing actor each), the stages `stages`."""
     import shutil
 
@@ -198,12 +200,16 @@ def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int,
     os.environ["OMP_NUM_THREADS"] = "1"
     init_ray(job.ray)
     started = time.perf_counter()
-    sampler = Sampler()  # 1-2% of a core, in the Ray parties only (the loop has none): a small bias against Ray
-    sampler.__enter__()
+    # the sampler costs ~1.5% of a core (0.45 s of CPU in 30 s, measured), and the loop runs without one: so a
+    # throughput party samples only when asked (`--account`, for its CPU by role), the long run always
+    sampler = Sampler() if sample or account else None
+    if sampler:
+        sampler.__enter__()
     try:
         result = generate(job, str(work / "sd"), decoded, splits=None)
     finally:
-        sampler.__exit__()
+        if sampler:
+            sampler.__exit__()
     seconds = time.perf_counter() - started
     if result.failed or result.done != result.planned:
         raise RuntimeError(f"the Ray run ended with {result.done} of {result.planned} keys done, "
@@ -213,7 +219,8 @@ def ray_run(work: Path, n: int, decoded: str, cpus: int, steps: int, batch: int,
            "cf_per_s": result.done / seconds, "planned": result.planned, "done": result.done,
            "failed": result.failed, "summary_seconds": (result.summary or {}).get("seconds"),
            **steady_rate(out / "generate" / "results")}
-    row["cpu_seconds_by_role"] = sampler.cpu_by_role()
+    if sampler:
+        row["cpu_seconds_by_role"] = sampler.cpu_by_role()
     if sample:
         row["samples"] = sampler.samples
     return row
@@ -273,7 +280,7 @@ def worker(args) -> None:
         seeds = list(range(args.seeds))
         row = ray_run(work, args.n, decoded, cpus, args.steps, args.batch, seeds,
                       f"ray-{cpus}-{args.n}-{args.seeds}-{args.stages[0]}", sample=args.sample,
-                      stages=args.stages[0])
+                      stages=args.stages[0], account=args.account)
     print("ROW " + json.dumps(row))
 
 
@@ -304,6 +311,9 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--account", action="store_true",
+                        help="sample the throughput parties' processes for their CPU seconds by role (costs the Ray "
+                             "parties ~1.5%% of a core, which the loop does not pay)")
     parser.add_argument("--stages", nargs="+", default=["fused", "separate"], choices=["fused", "separate"],
                         help="stage layouts of the Ray runs (edit.stages), each at 1 and 2 CPUs")
     args = parser.parse_args()
@@ -316,7 +326,8 @@ def main() -> None:
                     f"from bench.bench_generate import prepare; from pathlib import Path; "
                     f"prepare(Path({str(work)!r}), {args.n})"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [measure([*common, "--n", str(args.n), "--worker", "loop"], cores=1)]
-    rows += [measure([*common, "--n", str(args.n), "--worker", w, "--stages", st], cores=int(w))
+    rows += [measure([*common, "--n", str(args.n), "--worker", w, "--stages", st, *(["--account"] * args.account)],
+                     cores=int(w))
              for st in args.stages for w in ("1", "2")]
     loop = rows[0]["cf_per_s"]
     print(f"\n{args.n} phantoms x {len(EDITS)} edits, ddpm {args.steps} steps, batch {args.batch}")
