@@ -32,16 +32,21 @@ class RowGroupRead:
 
 
 def plan_row_group_reads(files: Sequence[str], filesystem: pa.fs.FileSystem, wanted_ids: Iterable,
-                         id_column: str = "image_id", max_rows_per_task: int = 1024) -> list[RowGroupRead]:
+                         id_column: str = "image_id", max_rows_per_task: int = 1024,
+                         threads: int = 16) -> list[RowGroupRead]:
     """The row groups of `files` that hold an `ok` row whose id is in `wanted_ids`, in file and group order.
 
-    Only the id and status columns are read here. A task takes consecutive groups of one file up to
-    `max_rows_per_task` wanted rows, so that a large file still spreads over several tasks."""
+    Only the id and status columns are read here, `threads` files at a time (on object storage each file is a few
+    requests, latency-bound). A task takes consecutive groups of one file up to `max_rows_per_task` wanted rows, so
+    that a large file still spreads over several tasks."""
+    from concurrent.futures import ThreadPoolExecutor
+
     wanted = pa.array(sorted(set(wanted_ids)))
-    reads: list[RowGroupRead] = []
-    if not len(wanted):
-        return reads
-    for path in files:
+    if not len(wanted) or not files:
+        return []
+
+    def plan_file(path: str) -> list[RowGroupRead]:
+        reads: list[RowGroupRead] = []
         parquet = pq.ParquetFile(path, filesystem=filesystem)
         groups: list[int] = []
         group_ids: list = []
@@ -59,7 +64,10 @@ def plan_row_group_reads(files: Sequence[str], filesystem: pa.fs.FileSystem, wan
             size += int(parquet.metadata.row_group(g).total_byte_size)
         if groups:
             reads.append(RowGroupRead(path, tuple(groups), tuple(group_ids), len(group_ids), size))
-    return reads
+        return reads
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        return [read for file_reads in pool.map(plan_file, files) for read in file_reads]
 
 
 def _wanted_ok(table: pa.Table, id_column: str, wanted: pa.Array) -> pa.Array:
