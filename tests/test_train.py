@@ -68,3 +68,34 @@ def test_text_encoder_trains_with_the_unet_and_is_exported(ray_local, tmp_path):
                                     str(tmp_path / "tuned-again")).model_uri)
     assert np.array_equal(weights(twice.unet), weights(tuned.unet))
     assert np.array_equal(weights(twice.text_encoder), weights(tuned.text_encoder))
+
+
+def test_a_rerun_with_more_steps_trains_on_from_the_checkpoint_and_one_with_as_many_reuses_the_model(ray_local,
+                                                                                                      tmp_path):
+    """`cfgen train` on a finished output returns the model it made, unless train.max_steps asks for more: then it
+    continues from the last checkpoint instead of silently handing back the shorter training."""
+    from cfgen.models.sd import load_pipeline
+    from cfgen.pipeline.ingest import ingest
+    from cfgen.pipeline.workflows import run_phantoms, run_train
+
+    def job_with(steps: int):
+        job = load_config("configs/demo.yaml", [
+            f"output_uri={tmp_path}/run", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "phantoms.n=40",
+            f"train.max_steps={steps}", "train.checkpoint_every=2", "train.batch_size=8", "train.vae.steps=2",
+            "train.vae.finish_steps=1", "train.num_workers=1", "train.cpus_per_worker=1", "train.lr=0.01",
+        ])
+        job.data.manifest_uri = str(tmp_path / "run" / "phantoms" / "manifest.parquet")
+        return job
+
+    first_job = job_with(2)
+    first_job.data.manifest_uri = run_phantoms(first_job)["manifest_parquet"]
+    decoded = ingest(first_job).decoded_uri
+    first = run_train(first_job, decoded)
+    assert first["metrics"]["step"] == 2
+    unet_after_2 = [p.detach().clone() for p in load_pipeline(first["model_uri"]).unet.parameters()]
+    longer = run_train(job_with(4), decoded)
+    assert longer["metrics"]["step"] == 4 and longer["run_id"] != first["run_id"]
+    unet_after_4 = list(load_pipeline(longer["model_uri"]).unet.parameters())
+    assert any(not np.allclose(a.numpy(), b.detach().numpy()) for a, b in zip(unet_after_2, unet_after_4))
+    assert run_train(job_with(4), decoded)["run_id"] == longer["run_id"]  # as many steps: reused, not retrained
+    assert run_train(job_with(3), decoded)["metrics"]["step"] == 4  # fewer: the longer model stands

@@ -144,8 +144,14 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
 
     output = join_uri(job.output_uri, "models", "finetuned")
     marker = join_uri(job.output_uri, "models", "finetuned.json")
-    if exists(marker, job.storage):  # finished earlier: training is not repeated
-        return json.loads(read_bytes(marker, job.storage))
+    if exists(marker, job.storage):  # finished earlier: training is not repeated, unless asked to go further
+        done = json.loads(read_bytes(marker, job.storage))
+        trained = int((done.get("metrics") or {}).get("step") or 0)
+        if trained >= job.train.max_steps:
+            return done
+        # a rerun with a larger train.max_steps continues from the last checkpoint (same run name and output)
+        log.info("the model at %s trained %d steps; train.max_steps is %d: training on from its checkpoint",
+                 output, trained, job.train.max_steps)
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     base = base_model(job, decoded_uri)
     run_id = runs.start_run(job, job.train.run_name, tags={"cfgen.job": "train"})
