@@ -2,7 +2,7 @@
 
 The generation job's driver reads the decoded shards' metadata columns before it plans (the key table needs them),
 so it already knows which row of which file each pending image is. Ray Data's `read_parquet` would then list the
-same files' footers again through a pool of actors of its own (one more process per job, ~1-2 s of CPU at start:
+same files' footers again through a pool of actors of its own (one more process per job, 0.8-2.3 s of CPU:
 bench/RESULTS.md, the generation job) and read every image of every file, leaving the filter to drop the finished
 ones, so a resume with 2% of its keys left read all of them. `RowGroupSource` reads the row groups that hold a
 pending row, filtered to those rows inside the read task, and nothing else.
