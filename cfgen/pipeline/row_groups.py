@@ -27,8 +27,12 @@ class RowGroupRead:
     path: str
     row_groups: tuple[int, ...]
     ids: tuple
-    num_rows: int  # the wanted rows (after the filter)
     size_bytes: int  # uncompressed size of the groups read
+
+    @property
+    def num_rows(self) -> int:
+        """The wanted rows (after the filter)."""
+        return len(self.ids)
 
 
 def plan_row_group_reads(files: Sequence[str], filesystem: pa.fs.FileSystem, wanted_ids: Iterable,
@@ -57,13 +61,13 @@ def plan_row_group_reads(files: Sequence[str], filesystem: pa.fs.FileSystem, wan
             if not picked:
                 continue
             if group_ids and len(group_ids) + len(picked) > max_rows_per_task:
-                reads.append(RowGroupRead(path, tuple(groups), tuple(group_ids), len(group_ids), size))
+                reads.append(RowGroupRead(path, tuple(groups), tuple(group_ids), size))
                 groups, group_ids, size = [], [], 0
             groups.append(g)
             group_ids.extend(picked)
             size += int(parquet.metadata.row_group(g).total_byte_size)
         if groups:
-            reads.append(RowGroupRead(path, tuple(groups), tuple(group_ids), len(group_ids), size))
+            reads.append(RowGroupRead(path, tuple(groups), tuple(group_ids), size))
         return reads
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
@@ -77,8 +81,9 @@ def _wanted_ok(table: pa.Table, id_column: str, wanted: pa.Array) -> pa.Array:
 
 
 class RowGroupSource(Datasource):
-    """A Ray Data source over planned row-group reads (`plan_row_group_reads`); one block per row group read,
-    holding the wanted rows only, with `columns` (all when None)."""
+    """A Ray Data source over planned row-group reads (`plan_row_group_reads`): a read task yields one table per
+    row group, holding the wanted rows only, with `columns` (all when None). Ray Data joins what a task yields into
+    blocks of up to `target_max_block_size`, so the job still repartitions to its batch size."""
 
     def __init__(self, reads: list[RowGroupRead], filesystem: pa.fs.FileSystem, columns: list[str] | None = None,
                  id_column: str = "image_id"):
