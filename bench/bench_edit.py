@@ -21,10 +21,11 @@ PRISM's guidance 7.5 and at the config's, ddpm, and ddpm and ddim at guidance 3;
 - the classifier's flip rate (optimistic for the sweep methods: the same classifier chose their setting);
 - counterfactuals per second (all edits of a variant, end to end).
 
-The targets, for the best variant (the most targets passed, then the lowest mean error ratio) at <= 150 UNet
-evaluations (forward + backward) per counterfactual, every edit: cf_error <= 0.5 x identity_error, median effect
-ratio >= 0.8, null-edit SSIM >= 0.95, flip rate >= 0.8; each printed PASS/MISS with its gap and, for the error,
-the floor no edit can beat.
+The targets, for the best variant at <= 150 UNet evaluations (forward + backward) per counterfactual, every
+edit: cf_error <= 0.5 x identity_error, median effect ratio >= 0.8, null-edit SSIM >= 0.95, flip rate >= 0.8; each
+printed PASS/MISS with its gap and, for the error, the floor no edit can beat. The best variant passes the most
+targets of the issue's three edits (devices, effusion, smoking; cardiomegaly is asked "if you can"), then has the
+lowest mean error ratio over all four; the pick that every edit's targets would make is printed beside it.
 
 Then the peer comparison (`bench/peers.py`): SDEdit, DDIM inversion + regeneration and edit-friendly DDPM against
 plain diffusers doing the same on the same model, images, prompts, steps and guidance, in this process, each timed
@@ -58,6 +59,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 EDITS = [{"support_devices": 0}, {"pleural_effusion": 1}, {"smoking": 1}, {"cardiomegaly": 1}]
+#: the edits whose targets rank the variants (the issue's three; cardiomegaly is asked "if you can", so its
+#: targets are reported and its error counts in the tie-break, but do not rank)
+REQUIRED_EDITS = ("support_devices=0", "pleural_effusion=1", "smoking=1")
 #: the attributes the `hold` variants keep: all four (each edit holds the three it does not set), or only the one
 #: the phantoms confound with effusion
 HOLD_VARIANTS = [("", []), (" hold", [attribute for edit in EDITS for attribute in edit]),
@@ -121,6 +125,14 @@ def variants(default_guidance: float) -> list[Variant]:
                                "change_threshold": 0.5, "change_grow": g,
                                "change_fill": "edited" if edited else "composite"})
                              for g in (0.1, 0.25) for edited in (False, True)],
+                           # the same at scale 2, and a sweep of scales: each image's edit made at 1.5, 2 and 3 and
+                           # the one the attribute classifier reads as the target with the least change kept
+                           *[(f"ddpm dir{name} t0.9 skip0 cm0.5 grow0.25{' edited' * edited}",
+                              {"method": "ddpm", "edit_guidance": scales, "edit_threshold": 0.9, "ddpm_skip": 0.0,
+                               "change_threshold": 0.5, "change_grow": 0.25,
+                               "change_fill": "edited" if edited else "composite"})
+                             for name, scales in (("2", 2.0), ("1.5/2/3", [1.5, 2.0, 3.0]))
+                             for edited in (False, True)],
                            # every other attribute held (its direction removed from the edit's), and/or the
                            # change mask filled with the decoded edit itself instead of the composite
                            *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{hold_name}{' edited' * edited}",
@@ -288,21 +300,32 @@ def _target_gap(row: dict[str, Any], key: str, direction: str, threshold: float)
     return value - threshold if direction == ">=" else threshold - value  # >= 0 passes
 
 
-def targets_passed(rows: list[dict[str, Any]], name: str) -> int:
-    return sum(bool(_target_gap(r, key, d, t) >= 0) for r in rows if r["method"] == name for _, key, d, t in TARGETS)
+def targets_passed(rows: list[dict[str, Any]], name: str, edits: tuple[str, ...] | None = None) -> int:
+    return sum(bool(_target_gap(r, key, d, t) >= 0) for r in rows if r["method"] == name
+               and (edits is None or r["edit"] in edits) for _, key, d, t in TARGETS)
 
 
-def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """PASS/MISS rows for the best variant within MAX_EVALUATIONS per counterfactual: the most targets passed over
-    every edit, then the lowest mean error ratio (which alone rewards doing little to the edits a model barely
-    makes)."""
+def best_variant(rows: list[dict[str, Any]], edits: tuple[str, ...] | None = REQUIRED_EDITS) -> str | None:
+    """Within MAX_EVALUATIONS per counterfactual: the most targets passed over `edits` (None: every edit), then
+    the lowest mean error ratio over every edit (the error alone rewards doing little to the edits a model barely
+    makes; the targets alone reward crossing a threshold at any cost in error)."""
     names = list(dict.fromkeys(r["method"] for r in rows))
     cost = {r["method"]: r["unet_forward"] + r["unet_backward"] for r in rows}
     eligible = [m for m in names if cost[m] <= MAX_EVALUATIONS]
-    if not eligible:
+    return min(eligible, key=lambda m: (-targets_passed(rows, m, edits), mean_error_ratio(rows, m))) \
+        if eligible else None
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PASS/MISS rows for the best variant (`best_variant`), every edit, and a "pick" row naming it beside the one
+    that ranking every edit's targets would have picked."""
+    best = best_variant(rows)
+    if best is None:
         return []
-    best = min(eligible, key=lambda m: (-targets_passed(rows, m), mean_error_ratio(rows, m)))
-    out = []
+    cost = {r["method"]: r["unet_forward"] + r["unet_backward"] for r in rows}
+    out = [{"kind": "pick", "method": best, "rule": "targets of " + ", ".join(REQUIRED_EDITS) + ", then the mean "
+            "error ratio of every edit", "every_edit_rule_pick": best_variant(rows, None),
+            "targets_passed": targets_passed(rows, best), "mean_error_ratio": mean_error_ratio(rows, best)}]
     for r in (r for r in rows if r["method"] == best):
         for figure, key, direction, threshold in TARGETS:
             value = r[key]
@@ -387,8 +410,11 @@ def print_tables(edit_rows: list[dict[str, Any]], targets: list[dict[str, Any]],
               f"{_fmt(r['max_off_target_shift'], '.2f')} | {r['images_per_s']:.2f} | {chosen or '-'} |")
     print()
     if targets:
+        pick, targets = targets[0], targets[1:]
         print(f"Targets, best variant at <= {MAX_EVALUATIONS} UNet evaluations per counterfactual: "
-              f"{targets[0]['method']} ({targets[0]['unet_evaluations']:.0f})")
+              f"{pick['method']} ({targets[0]['unet_evaluations']:.0f}); by {pick['rule']}: "
+              f"{pick['targets_passed']} of {len(targets)} pass, mean error ratio {pick['mean_error_ratio']:.3f}. "
+              f"Ranked by every edit's targets: {pick['every_edit_rule_pick']}")
         print("| edit | figure | value | target | result | gap | best any edit can reach |")
         print("|---|---|---|---|---|---|---|")
         for t in targets:
@@ -482,7 +508,7 @@ def main() -> int:
         run_variant(v.name, v.settings)
     mask_best = args.mask_best if args.mask_best is not None else (1 if args.quick else 3)
     composites = [v for v in chosen if v.settings["composite"]]
-    for v in sorted(composites, key=lambda v: (-targets_passed(edit_rows, v.name),
+    for v in sorted(composites, key=lambda v: (-targets_passed(edit_rows, v.name, REQUIRED_EDITS),
                                                mean_error_ratio(edit_rows, v.name)))[:mask_best]:
         run_variant(f"{v.name} + lung mask", {**v.settings, "confine": "mask"})
     targets = check_targets(edit_rows)

@@ -314,8 +314,12 @@ class EditConfig(_Section):
                                                                 "image once its loss is below this")
     ddpm_skip: float = Field(0.2, ge=0, lt=1, description="DDPM inversion: fraction of the first (noisiest) steps "
                                                           "skipped; the edit starts from the noisy latent there")
-    edit_guidance: float = Field(1.0, ge=0, description="ddpm: scale on the edit's direction eps(edited) - "
-                                 "eps(factual) (directed editing; 1 with threshold 0 is the plain edit)")
+    edit_guidance: Annotated[float, Field(ge=0)] | list[Annotated[float, Field(ge=0)]] = Field(
+        1.0, description="ddpm: scale on the edit's direction eps(edited) - eps(factual) (directed editing; 1 with "
+                         "threshold 0 is the plain edit). A list is a sweep: every edit is made at each scale in "
+                         "the same UNet calls (each costs its own rows) and the engine's `select` keeps one per "
+                         "image (the job and Serve: the attribute classifier, `cfgen.metrics.selection`; without "
+                         "one, the smallest scale)")
     edit_threshold: float = Field(0.0, ge=0, lt=1, description="ddpm: implicit mask, the quantile of the edit "
                                   "direction's magnitude below which a latent cell is left unedited (0: none)")
     edit_renoise: float = Field(0.0, ge=0, le=1, description="ddpm, directed: share of fresh noise mixed into "
@@ -378,6 +382,29 @@ class EditConfig(_Section):
 
     _edits = field_validator("edits")(lambda cls, v: _normalize_edits(v))
 
+    @field_validator("edit_guidance")
+    @classmethod
+    def _guidance_sweep(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("edit_guidance: a sweep needs at least one scale")
+            if len(set(v)) != len(v):
+                raise ValueError(f"edit_guidance: a sweep's scales must differ, got {v}")
+            return v[0] if len(v) == 1 else sorted(v)
+        return v
+
+    @property
+    def guidance_scales(self) -> list[float]:
+        """`edit_guidance` as a list: one scale, or a sweep's."""
+        return list(self.edit_guidance) if isinstance(self.edit_guidance, list) else [self.edit_guidance]
+
+    @property
+    def sweep_size(self) -> int:
+        """Candidates the engine makes per edit and image, for `select` to choose from (1: no choice)."""
+        if self.method in ("p2p", "null_text", "direct"):
+            return len(self.self_replace)
+        return len(self.guidance_scales) if self.method == "ddpm" else 1
+
     @model_validator(mode="after")
     def _directed_needs_ddpm(self) -> "EditConfig":
         if (self.edit_guidance != 1.0 or self.edit_threshold != 0.0 or self.edit_renoise) and self.method != "ddpm":
@@ -403,7 +430,9 @@ class EditConfig(_Section):
         if self.method == "ddpm":
             parts.append(f"skip {self.ddpm_skip:g}")
             if self.edit_guidance != 1.0 or self.edit_threshold:
-                parts.append(f"directed {self.edit_guidance:g}x above the {self.edit_threshold:g} quantile")
+                scales = "/".join(f"{g:g}" for g in self.guidance_scales)
+                sweep = " (a sweep, one kept per image)" if self.sweep_size > 1 else ""
+                parts.append(f"directed {scales}x{sweep} above the {self.edit_threshold:g} quantile")
             if self.edit_renoise:
                 parts.append(f"renoise {self.edit_renoise:g}")
             if self.hold:

@@ -58,8 +58,9 @@ def test_edit_description_names_the_settings_that_shape_the_output():
     from cfgen.config import EditConfig
 
     demo = load_config("configs/demo.yaml").edit
-    assert demo.describe() == ("ddpm, 20 steps, guidance 1, skip 0, directed 3x above the 0.9 quantile, "
-                               "composite True, change mask 0.5 grown to 0.25 (fill edited), confine none")
+    assert demo.describe() == ("ddpm, 20 steps, guidance 1, skip 0, directed 1.5/2/3x (a sweep, one kept per image) "
+                               "above the 0.9 quantile, composite True, change mask 0.5 grown to 0.25 (fill "
+                               "composite), confine none")
     held = EditConfig(method="ddpm", hold=["support_devices"], change_threshold=0.5, change_fill="edited")
     assert "holding support_devices" in held.describe() and "fill edited" in held.describe()
     assert EditConfig(method="sdedit", strength=0.8).describe().startswith("sdedit, 20 steps, guidance 1, strength 0.8")

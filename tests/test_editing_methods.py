@@ -284,6 +284,43 @@ def test_directed_ddpm_through_the_engine_counts_two_rows_a_step_and_composites_
     np.testing.assert_allclose(out.counterfactuals[0], images / 255.0, atol=2e-3)  # factual edit = the input
 
 
+def test_a_sweep_of_direction_scales_makes_each_scales_edit_in_one_batch_and_select_keeps_one_per_image(pipe):
+    images = _images(5)
+    common = dict(images=images, edits=[FACTUAL, EDITS[0]], method="ddpm", guidance_scale=1.0, ddpm_skip=0.0,
+                  edit_threshold=0.5)
+    singles = [_edit(pipe, edit_guidance=g, **common) for g in (1.5, 3.0)]
+    seen = {}
+
+    def select(candidates, image, edit_index):
+        seen[edit_index] = [c.copy() for c in candidates]
+        scores = np.zeros((len(candidates), 2))
+        scores[1, 0] = scores[0, 1] = 1.0  # image 0: scale 3; image 1: scale 1.5
+        return scores
+
+    swept = _edit(pipe, edit_guidance=[1.5, 3.0], select=select, **common)
+    # each candidate is the single-scale edit, made in the same UNet calls as the other scale's rows
+    for s, single in enumerate(singles):
+        np.testing.assert_allclose(seen[1][s], single.counterfactuals[1], atol=2e-4)
+    assert np.abs(seen[1][0] - seen[1][1]).max() > 1e-3  # the scales really differ
+    assert swept.settings[1] == [{"edit_guidance": 3.0}, {"edit_guidance": 1.5}]
+    np.testing.assert_array_equal(swept.counterfactuals[1][0], seen[1][1][0])
+    np.testing.assert_array_equal(swept.counterfactuals[1][1], seen[1][0][1])
+    # inversion 1 row a step; every (edit, scale): source + edited rows a step
+    assert swept.unet_forward_per_image == 3 + 2 * 2 * 2 * 3
+    np.testing.assert_allclose(swept.counterfactuals[0], images / 255.0, atol=2e-3)  # factual edit = the input
+    # without select: the smallest scale, the one that changes the image least
+    default = _edit(pipe, edit_guidance=[3.0, 1.5], **common)
+    assert default.settings[1] == [{"edit_guidance": 1.5}] * 2
+    np.testing.assert_allclose(default.counterfactuals[1], singles[0].counterfactuals[1], atol=2e-4)
+    config = EditConfig(method="ddpm", edit_guidance=[3.0, 1.5], edit_threshold=0.5)
+    assert config.edit_guidance == [1.5, 3.0] and config.sweep_size == 2 and "1.5/3x (a sweep" in config.describe()
+    assert EditConfig(method="ddpm", edit_guidance=[2.0]).sweep_size == 1
+    with pytest.raises(ValueError, match="must differ"):
+        EditConfig(method="ddpm", edit_guidance=[2.0, 2.0])
+    with pytest.raises(ValueError, match="directed editing"):
+        EditConfig(method="ddim", edit_guidance=[1.5, 3.0])
+
+
 def engine_kwargs(edit: EditConfig) -> dict:
     return {k: v for k, v in engine_options(edit).items() if k in ("edit_guidance", "edit_threshold")}
 

@@ -221,10 +221,10 @@ def test_counterfactual_stage_confines_each_edit_to_the_rows_lung_mask(tmp_path)
     assert out["unet_evaluations"].to_pylist() == [(1 + 1 + 1) * 2] * 3
 
 
-@pytest.mark.parametrize("method", ["p2p", "direct"])
+@pytest.mark.parametrize("method", ["p2p", "direct", "ddpm"])
 def test_counterfactual_stage_lets_the_classifier_choose_each_rows_sweep_setting_and_writes_it(tmp_path, method):
-    """A sweep method with a classifier: the stage loads it once, the engine asks it for every edit of the batch,
-    and every row says which self-replace setting won."""
+    """A sweep with a classifier (self-replace settings; ddpm: direction scales): the stage loads it once, the
+    engine asks it for every edit of the batch, and every row says which setting won."""
     import torch
 
     from cfgen.classify.network import AttributeClassifier, network_config
@@ -241,8 +241,9 @@ def test_counterfactual_stage_lets_the_classifier_choose_each_rows_sweep_setting
     _, rows = _phantom_rows(tmp_path, n=2)
     decoded = DecodeStage(DataConfig(decode=DecodeConfig(size=64)), StorageConfig())(rows)
     edits = [{"support_devices": 0}, {"pleural_effusion": 1}]
-    job = JobConfig.model_validate({"edit": {"method": method, "num_inference_steps": 2, "self_replace": [0.4, 0.8],
-                                             "edits": edits}})
+    key, values, least = ("edit_guidance", (1.5, 3.0), 1.5) if method == "ddpm" else ("self_replace", (0.4, 0.8), 0.8)
+    sweep = {"edit_guidance": list(values), "edit_threshold": 0.5} if method == "ddpm" else {"self_replace": list(values)}
+    job = JobConfig.model_validate({"edit": {"method": method, "num_inference_steps": 2, **sweep, "edits": edits}})
     stage = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"), _units(job, decoded),
                                 classifier_uri=str(tmp_path / "clf"))
     asked, real = [], stage._select
@@ -255,9 +256,8 @@ def test_counterfactual_stage_lets_the_classifier_choose_each_rows_sweep_setting
     out = stage(decoded)
     assert asked == [(2, 0), (2, 1)]
     settings = [json.loads(s) for s in out["edit_setting"].to_pylist()]
-    assert len(settings) == 4 and all(set(s) == {"self_replace"} and s["self_replace"] in (0.4, 0.8)
-                                      for s in settings)
+    assert len(settings) == 4 and all(set(s) == {key} and s[key] in values for s in settings)
     assert out["method"].to_pylist() == [method] * 4
     plain = CounterfactualStage(str(tmp_path / "sd"), job.model_dump(mode="python"), _units(job, decoded))
     assert plain._select(job.edit) is None  # no classifier: the engine's default, the most preserving setting
-    assert [json.loads(s) for s in plain(decoded)["edit_setting"].to_pylist()] == [{"self_replace": 0.8}] * 4
+    assert [json.loads(s) for s in plain(decoded)["edit_setting"].to_pylist()] == [{key: least}] * 4

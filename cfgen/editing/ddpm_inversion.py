@@ -60,23 +60,35 @@ from cfgen.models.sd import encode_prompts
 @dataclass(frozen=True)
 class EditDirection:
     """Directed editing's settings (module docstring): `scale` on the edit's direction, implicit-mask `threshold`
-    (the quantile of the direction's magnitude below which a latent cell is left alone; 0: no mask)."""
+    (the quantile of the direction's magnitude below which a latent cell is left alone; 0: no mask). A tuple of
+    scales is a sweep: every edit is made at each of them, one candidate per scale (`ddpm_edit`)."""
 
-    scale: float = 1.0
+    scale: float | tuple[float, ...] = 1.0
     threshold: float = 0.0
     renoise: float = 0.0  # share of fresh noise in the masked cells' noise maps (module docstring)
 
     def __post_init__(self):
-        if self.scale < 0:
+        scales = tuple(float(s) for s in self.scale) if isinstance(self.scale, (tuple, list)) else (float(self.scale),)
+        if not scales:
+            raise ValueError("edit_guidance: a sweep needs at least one scale")
+        if min(scales) < 0:
             raise ValueError(f"edit_guidance must be >= 0, got {self.scale}")
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"edit_guidance: a sweep's scales must differ, got {list(scales)}")
+        object.__setattr__(self, "scale", scales if len(scales) > 1 else scales[0])
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"edit_threshold is a quantile in [0, 1), got {self.threshold}")
         if not 0.0 <= self.renoise <= 1.0:
             raise ValueError(f"edit_renoise is a share of fresh noise in [0, 1], got {self.renoise}")
 
     @property
+    def scales(self) -> tuple[float, ...]:
+        """The scales the edit is made at: one, or a sweep's."""
+        return self.scale if isinstance(self.scale, tuple) else (self.scale,)
+
+    @property
     def plain(self) -> bool:
-        return self.scale == 1.0 and self.threshold == 0.0 and self.renoise == 0.0
+        return self.scales == (1.0,) and self.threshold == 0.0 and self.renoise == 0.0
 
 
 def implicit_mask(direction: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -110,10 +122,12 @@ def remove_held_direction(delta: torch.Tensor, gamma: torch.Tensor) -> torch.Ten
 
 def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, source: torch.Tensor,
                               uncond: torch.Tensor | None, guidance_scale: float,
-                              direction: EditDirection, holds: list[Hold] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                              direction: EditDirection, holds: list[Hold] = (),
+                              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps(x, source) (classifier-free guided at `guidance_scale`) + scale * M * delta, M [B,1,h,w]) with delta =
     eps(x, cond) - eps(x, source) without the directions of the `holds`, in one UNet call on [uncond; source; cond;
-    held] rows. M is 0 on a row whose delta is 0 (its edit is its factual prompt)."""
+    held] rows. M is 0 on a row whose delta is 0 (its edit is its factual prompt). `scale` [B,1,1,1]: each row's
+    own (a sweep's rows), else the direction's one scale."""
     guided = uncond is not None and guidance_scale != 1.0
     contexts = [uncond, source, cond] if guided else [source, cond]
     inputs = [x] * len(contexts) + [x[h.rows] for h in holds]
@@ -127,7 +141,9 @@ def directed_noise_prediction(unet, x: torch.Tensor, t, cond: torch.Tensor, sour
         delta = delta.index_copy(0, hold.rows, remove_held_direction(delta[hold.rows],
                                                                      eps_held - eps_cond[hold.rows]))
     mask = implicit_mask(delta, direction.threshold) * (delta.flatten(1).abs().amax(1) > 0)[:, None, None, None]
-    return base + direction.scale * mask * delta, mask
+    if scale is None:
+        (scale,) = direction.scales
+    return base + scale * mask * delta, mask
 
 
 #: mixed into an image's seed for its renoising noise, so that it differs from the inversion's eps_t
@@ -191,11 +207,12 @@ def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, c
                 num_inference_steps: int, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                 skip: float = 0.0, latent_mask: torch.Tensor | None = None, source: torch.Tensor | None = None,
                 direction: EditDirection | None = None, holds: list[Hold] = (),
-                fresh: torch.Tensor | None = None) -> torch.Tensor:
+                fresh: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The DDPM sampler driven by the inversion's noise `maps` from the trajectory's level at `skip`; with the
     factual prompt it retraces `trajectory`. With `latent_mask` [B,1,h,w], the trajectory is kept outside it.
     With `direction` (not plain) or `holds`, and the factual embeddings `source`, every step is a directed edit;
-    `fresh` (shaped like `maps`) is the new noise a renoising direction mixes into its masked cells."""
+    `fresh` (shaped like `maps`) is the new noise a renoising direction mixes into its masked cells; `scale`
+    [B,1,1,1] each row's direction scale (a sweep's rows)."""
     schedule = _schedule(scheduler, num_inference_steps, trajectory.device)
     start = start_step(skip, num_inference_steps)
     direction = direction or EditDirection()
@@ -210,7 +227,8 @@ def ddpm_sample(unet, scheduler, trajectory: torch.Tensor, maps: torch.Tensor, c
         t = schedule.timesteps[k]
         z = maps[k]
         if directed:
-            eps, mask = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction, holds)
+            eps, mask = directed_noise_prediction(unet, x, t, cond, source, uncond, guidance_scale, direction, holds,
+                                                  scale)
             if direction.renoise:
                 r = direction.renoise
                 z = z + mask * (((1 - r) ** 0.5 - 1) * z + r ** 0.5 * fresh[k])
@@ -227,11 +245,13 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
               num_inference_steps: int, guidance_scale: float, skip: float, seeds: list[int],
               inversions: BatchInversions, latent_mask: torch.Tensor | None = None,
               direction: EditDirection | None = None, hold_prompts: list[list[list[str]]] | None = None):
-    """The `ddpm` method: (edited latents per prompt list, null edit = the encoded latents). Every edit runs in
-    one batch with the same noise maps; the noise of each image comes from its own seed. `direction`: directed
-    editing; `hold_prompts` [edit][held attribute][image]: the edited prompts with each held attribute changed
-    (module docstring)."""
+    """The `ddpm` method: (edited latents [edit][scale of the direction's sweep; one without a sweep], null edit =
+    the encoded latents). Every edit at every scale runs in one batch with the same noise maps; the noise of each
+    image comes from its own seed. `direction`: directed editing; `hold_prompts` [edit][held attribute][image]:
+    the edited prompts with each held attribute changed (module docstring)."""
     n, steps = len(latents), num_inference_steps
+    direction = direction or EditDirection()
+    scales = direction.scales
     uncond = encode_prompts(pipe, [""] * n) if guidance_scale != 1.0 else None
 
     def invert(indices: list[int]):
@@ -245,20 +265,28 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
     settings = {"steps": steps, "guidance": guidance_scale, "skip": start_step(skip, steps)}
     conditions = [(p, int(s)) for p, s in zip(factual_prompts, seeds)]
     inverted = inversions.stacked("ddpm", conditions, settings, invert)
-    k = len(counterfactual_prompts)
-    cond = torch.cat([encode_prompts(pipe, p) for p in counterfactual_prompts])
+    # a sweep's rows: every edit once per scale, scale-major (row (s * k + e) * n + i)
+    k, m = len(counterfactual_prompts), len(counterfactual_prompts) * len(scales)
+    prompts = [p for _ in scales for p in counterfactual_prompts]
+    holds = [h for _ in scales for h in (hold_prompts or [[] for _ in counterfactual_prompts])]
+    cond = torch.cat([encode_prompts(pipe, p) for p in prompts])
+    row_scale = None
+    if len(scales) > 1:
+        row_scale = torch.tensor(scales, device=latents.device).repeat_interleave(k * n)[:, None, None, None]
     fresh = None
-    if direction is not None and direction.renoise:  # from the image's seed, apart from the inversion's noise
+    if direction.renoise:  # from the image's seed, apart from the inversion's noise
         fresh = seeded_noise((n, steps, *latents.shape[1:]), [_RENOISE_SEED ^ int(s) for s in seeds],
-                             latents.device, torch.float32).transpose(0, 1).repeat(1, k, 1, 1, 1)
-    edited = ddpm_sample(pipe.unet, pipe.scheduler, inverted["trajectory"].repeat(1, k, 1, 1, 1),
-                         inverted["noise_maps"].repeat(1, k, 1, 1, 1), cond, steps,
-                         None if uncond is None else uncond.repeat(k, 1, 1), guidance_scale, skip,
-                         None if latent_mask is None else latent_mask.repeat(k, 1, 1, 1),
-                         encode_prompts(pipe, factual_prompts).repeat(k, 1, 1), direction,
-                         held_rows(pipe, factual_prompts, counterfactual_prompts, hold_prompts or [], latents.device),
-                         fresh)
-    return [z.to(latents.dtype) for z in edited.split(n)], inverted["trajectory"][0].to(latents.dtype)
+                             latents.device, torch.float32).transpose(0, 1).repeat(1, m, 1, 1, 1)
+    edited = ddpm_sample(pipe.unet, pipe.scheduler, inverted["trajectory"].repeat(1, m, 1, 1, 1),
+                         inverted["noise_maps"].repeat(1, m, 1, 1, 1), cond, steps,
+                         None if uncond is None else uncond.repeat(m, 1, 1), guidance_scale, skip,
+                         None if latent_mask is None else latent_mask.repeat(m, 1, 1, 1),
+                         encode_prompts(pipe, factual_prompts).repeat(m, 1, 1), direction,
+                         held_rows(pipe, factual_prompts, prompts, holds if hold_prompts else [], latents.device),
+                         fresh, row_scale)
+    chunks = [z.to(latents.dtype) for z in edited.split(n)]
+    return [[chunks[s * k + e] for s in range(len(scales))] for e in range(k)], \
+        inverted["trajectory"][0].to(latents.dtype)
 
 
 def held_rows(pipe, factual_prompts: list[str], counterfactual_prompts: list[list[str]],

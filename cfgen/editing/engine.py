@@ -46,15 +46,16 @@ Methods (each its own module and function):
 - ``ddpm`` (`ddpm_inversion.py`): edit-friendly DDPM inversion (LEDITS++, RadEdit): noise maps that make the DDPM
   sampler reproduce the image exactly, re-used with the edited prompt; optional skip of the first steps; optional
   directed editing (`edit_guidance`, `edit_threshold`): the edit's direction from the factual prompt amplified
-  where it is large (an implicit mask), 2 UNet rows per step instead of 1; optional renoising (`edit_renoise`):
+  where it is large (an implicit mask), 2 UNet rows per step instead of 1, and with a list of scales a sweep (each
+  scale its own rows in the same calls, one candidate each); optional renoising (`edit_renoise`):
   fresh noise in the masked cells' noise maps, so what the edit removes is not redrawn from them (worse on every
   phantom edit so far: bench/RESULTS.md).
 
 Inversions are cached per (image, model version, factual prompt, settings) (`inversion_cache.py`), so k edits and
 every sweep setting share one, and a later call on the same image reuses it. The sweep methods return one
-candidate per self-replace setting; `select` (a callable scoring the candidates, e.g. with the project's attribute
-classifier, DESIGN.md §2, `cfgen.metrics.selection`) picks one per image, by default the largest setting (the
-most preserving), and the result records the winner.
+candidate per self-replace setting (ddpm: per direction scale); `select` (a callable scoring the candidates, e.g.
+with the project's attribute classifier, DESIGN.md §2, `cfgen.metrics.selection`) picks one per image, by default
+the most preserving setting (the largest self-replace, the smallest scale), and the result records the winner.
 
 The null edit costs UNet work in `ddim` and `sdedit` (one more prompt list in the batch) and `direct` (one more row
 per setting); a caller that neither composites nor reads it (a speed comparison with a plain diffusers loop that
@@ -88,7 +89,8 @@ if TYPE_CHECKING:
     from cfgen.config import EditConfig
 
 METHODS = ("ddim", "sdedit", "p2p", "null_text", "direct", "ddpm")
-#: The methods that make one candidate per self-replace setting, for `select` to choose from.
+#: The methods that make one candidate per self-replace setting, for `select` to choose from (ddpm makes one per
+#: direction scale when `edit_guidance` is a list: `EditConfig.sweep_size`).
 SWEEP_METHODS = ("p2p", "null_text", "direct")
 
 #: select(candidates, image, edit_index) -> scores [n_settings, B]: candidates is one [B,H,W] float image in [0,1]
@@ -239,9 +241,11 @@ def _edit_latents(method: str, pipe, latents: torch.Tensor, factual_prompts: lis
         edited, source = p2p_edit(*common, p2p, inversions, latent_mask) if method == "p2p" else \
             null_text_edit(*common, p2p, inner_steps, early_stop, inversions, latent_mask)
         return edited, [source] * len(p2p.sweep) if null_edit else None, p2p.sweep
-    if method == "ddpm":
+    if method == "ddpm":  # a sweep of direction scales: one candidate per scale, the null edit the same for all
         edited, null = ddpm_edit(*common, ddpm_skip, seeds, inversions, latent_mask, direction, hold_prompts)
-    elif method == "sdedit":
+        sweep = [{"edit_guidance": s} for s in direction.scales] if len(direction.scales) > 1 else [{}]
+        return edited, [null] * len(sweep) if null_edit else None, sweep
+    if method == "sdedit":
         edited, null = sdedit(pipe, latents, factual_prompts, counterfactual_prompts, steps, strength,
                               guidance_scale, seeds, null_edit)
     else:
@@ -259,7 +263,10 @@ def _decode_once(pipe, latents: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 def _most_preserving(sweep: list[dict]) -> int:
-    """The sweep setting with the largest self-replace fraction (the one for a method without a sweep)."""
+    """The sweep setting that changes the image least: the largest self-replace fraction, the smallest direction
+    scale (the one setting of a method without a sweep)."""
+    if any("edit_guidance" in s for s in sweep):
+        return int(np.argmin([s["edit_guidance"] for s in sweep]))
     return int(np.argmax([s.get("self_replace", 0.0) for s in sweep]))
 
 
@@ -297,7 +304,7 @@ def counterfactuals(
     null_text_inner_steps: int = 10,
     null_text_early_stop: float = 1e-5,
     ddpm_skip: float = 0.2,
-    edit_guidance: float = 1.0,
+    edit_guidance: float | Sequence[float] = 1.0,
     edit_threshold: float = 0.0,
     edit_renoise: float = 0.0,
     change_threshold: float = 0.0,

@@ -102,3 +102,14 @@ def classifier_selection(classifier, edits: Sequence[Mapping[str, Any]], pixel_w
         return selection_scores(classifier, candidates, image, edits[edit_index], pixel_weight, off_target_weight)
 
     return select
+
+
+
+def sweep_selection(config, load_classifier):
+    """The `select` for an `EditConfig` whose method makes several candidates (`sweep_size` > 1): the attribute
+    classifier that `load_classifier()` returns (called only then), scoring them by `selection_scores`. None where
+    there is nothing to choose or no classifier (`load_classifier` None), so the engine keeps the most preserving
+    candidate."""
+    if config.sweep_size < 2 or load_classifier is None:
+        return None
+    return classifier_selection(load_classifier(), config.edits)

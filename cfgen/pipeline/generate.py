@@ -46,8 +46,9 @@ class CounterfactualStage:
     `units` (a table of pending keys: key, image_id, rule, edit, edit_name, seed) is passed by object reference and
     indexed once per actor. Keys of one image that share a rule and a seed are edited in one engine call (one
     inversion for all their edits), images that share the same set in one batch. With `classifier_uri` and a
-    sweep method (p2p, null_text, direct, more than one self_replace setting), the attribute classifier chooses
-    each image's setting (`cfgen.metrics.selection`); without one the engine keeps the most preserving setting.
+    sweep (`EditConfig.sweep_size` > 1: p2p, null_text or direct with several self_replace settings, ddpm with
+    several edit_guidance scales), the attribute classifier chooses each image's setting
+    (`cfgen.metrics.selection`); without one the engine keeps the most preserving setting.
 
     A call that raises is retried one image at a time; an image that still fails becomes rows with the error in
     `failure_reason` (and zero images), which the commit stage files under `failures/`; the batch goes on."""
@@ -73,18 +74,17 @@ class CounterfactualStage:
             self.units.setdefault(str(unit["image_id"]), []).append(unit)
 
     def _select(self, config: EditConfig):
-        from cfgen.editing.engine import SWEEP_METHODS
+        from cfgen.metrics.selection import sweep_selection
 
-        if not (self.classifier_uri and config.method in SWEEP_METHODS and len(config.self_replace) > 1):
-            return None
-        from cfgen.metrics.selection import classifier_selection
+        return sweep_selection(config, self._load_classifier if self.classifier_uri else None)
 
+    def _load_classifier(self):
         if self._classifier is None:
             from cfgen.classify.store import load_classifier
 
             self._classifier = load_classifier(self.classifier_uri, self.job.storage, self.job.tracking,
                                                device=self.device)
-        return classifier_selection(self._classifier, config.edits)
+        return self._classifier
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = tensor_column(batch, "image")

@@ -144,6 +144,7 @@ class Editor:
         from cfgen.editing.engine import engine_options
         from cfgen.editing.padding import engine_call
         from cfgen.io.prompts import build_prompt
+        from cfgen.metrics.selection import sweep_selection
         from cfgen.metrics.image import as_unit_float
         from cfgen.pipeline.generate import edit_hold_prompts, edit_seed, planned_edit
 
@@ -163,7 +164,9 @@ class Editor:
                                                       [[item.edit for item in items]], config, prompt_cfg))
         with self._lock:
             edit_images = engine_call(self.job.serve.max_batch_size if config.pad_batches else None)
-            result = edit_images(self.pipe, images, factual_prompts, [[p.prompt for p in planned]], **options)
+            result = edit_images(self.pipe, images, factual_prompts, [[p.prompt for p in planned]],
+                                 select=sweep_selection(config, (lambda: self.classifier) if self.classifier else None),
+                                 **options)
         cfs = result.counterfactuals[0]
         metrics = self._metrics(images, cfs, result.null_edit, items, planned)
         return [EditOutcome(
