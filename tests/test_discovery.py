@@ -348,3 +348,17 @@ def test_other_edit_settings_or_another_model_never_reuse_generated_rows():
     assert generation_key(job.model_copy(update={"edit": job.edit.model_copy(update={"guidance_scale": 3.0})}),
                           "m1") != key
     assert generation_key(job, "m2") != key
+
+
+def test_discovery_says_when_the_classifier_chose_the_edits_it_measures_entanglement_through():
+    from cfgen.config import JobConfig
+    from cfgen.pipeline.discover import selection_notes
+
+    def job(edit, classifier="runs/clf"):
+        return JobConfig.model_validate({"edit": {"method": "ddpm", "edit_threshold": 0.9, **edit},
+                                         "classifier": {"pretrained": classifier}})
+
+    (note,) = selection_notes(job({"edit_guidance": [1.5, 3.0]}))
+    assert "2 settings" in note and "understates" in note
+    assert selection_notes(job({"edit_guidance": 3.0})) == []  # one setting: nothing chosen
+    assert selection_notes(job({"edit_guidance": [1.5, 3.0]}, classifier=None)) == []  # the smallest scale, always
