@@ -1,5 +1,6 @@
 """A miniature `cfgen demo`: phantoms -> ingest -> tiny SD + DeepSpeed ZeRO-2 on 2 workers -> counterfactuals."""
 
+import json
 import math
 
 import numpy as np
@@ -36,11 +37,13 @@ def test_miniature_demo_end_to_end(ray_local, tmp_path):
     assert (results["split"] == "test").all()
     with_devices = results[(results.edit_name == "support_devices=0")]
     assert with_devices["counterfactual_prompt"].str.contains("without support devices").all()
-    # the demo's method (configs/demo.yaml: directed edit-friendly DDPM from the first step) at 4 steps: 4 steps
-    # of inversion with the factual prompt, then per edit 4 sampled steps of two rows each (the edited prompt and
-    # the factual one, whose difference is the edit's direction), and no UNet call for the exact null edit
+    # the demo's method (configs/demo.yaml: directed edit-friendly DDPM from the first step, a sweep of 3 scales)
+    # at 4 steps: 4 steps of inversion with the factual prompt, then per edit and scale 4 sampled steps of two rows
+    # each (the edited prompt and the factual one, whose difference is the edit's direction), and no UNet call for
+    # the exact null edit; the classifier kept one scale per row, and the row says which
     assert (results["method"] == "ddpm").all()
-    assert (results["unet_evaluations"] == 4 + 2 * 2 * 4).all()
+    assert (results["unet_evaluations"] == 4 + 3 * 2 * 2 * 4).all()
+    assert {json.loads(s)["edit_guidance"] for s in results["edit_setting"]} <= {1.5, 2.0, 3.0}
 
     # the metric stage: the classifier read every row, and the report shows the instrument
     assert "Attribute classifier" in html and "clf_flip_rate" in html and "Instrument calibration" in html
