@@ -84,3 +84,20 @@ def test_age_effect_is_closeness_to_the_target_in_years():
 def test_a_bad_edit_value_fails_when_the_selection_is_built(device_reader):
     with pytest.raises(ValueError, match="sex"):
         classifier_selection(device_reader, [{"sex": "X"}])
+
+
+def test_the_least_change_that_makes_the_edit_wins_and_where_none_makes_it_the_closest_does(device_reader):
+    image = _backgrounds(2, 6)
+    select = classifier_selection(device_reader, [{"support_devices": 1}])
+    faint, half, full = (np.where(_with_device(image) > image, image + a * (0.95 - image), image) for a in
+                         (0.15, 0.5, 1.0))
+    p = {name: device_reader.predict(c)["support_devices"] for name, c in (("faint", faint), ("half", half),
+                                                                            ("full", full))}
+    assert (p["faint"] < p["half"]).all() and (p["half"] < 0.5).all() and (p["full"] > 0.9).all()
+    # the full box makes the edit and beats both, though it changes the most pixels
+    assert (select([faint, half, full], image, 0).argmax(axis=0) == 2).all()
+    # neither makes it: the one closer to the target wins, not the one that changes less
+    assert (select([faint, half], image, 0).argmax(axis=0) == 1).all()
+    # both make it: the one that changes less wins (the box drawn twice over on top is only more change)
+    brighter = np.clip(full + 0.04, 0, 1)
+    assert (select([brighter, full], image, 0).argmax(axis=0) == 1).all()

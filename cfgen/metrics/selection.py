@@ -1,4 +1,5 @@
-"""Choosing the best setting of a Prompt-to-Prompt sweep per image with the project's attribute classifier.
+"""Choosing the best setting of a sweep (Prompt-to-Prompt's self-replace settings, ddpm's direction scales) per
+image with the project's attribute classifier.
 
 PRISM keeps, of the candidates its self-attention sweep makes, the one its CLIP filters like best (image-image
 similarity for preservation, image-text and directional similarity for the edit; DESIGN.md §2). CLIP weights cannot
@@ -15,6 +16,13 @@ classifier and the pixels:
   binary attributes the edit does not name (an edit of A should leave B where it was; age, in years, is left out
   as `summarize_scores` leaves it out of the off-target figure).
 - ``mean |candidate - image|``: the pixels the candidate changes, in [0, 1] units.
+
+A candidate the classifier reads as at the target (``effect`` >= 0.5: the target state more likely than not, for
+age within the tolerance) beats every candidate that is not (+1), so the score keeps the least change that makes
+the edit. Where no candidate of an image makes it (a weak model, an edit the image resists), the pixel term is
+dropped for that image and the candidate closest to the target wins: the least change that does not make the edit
+would be the input itself, which is no counterfactual (on a weakly trained model a sweep of edit strengths kept its
+weakest setting everywhere, and the demo's edits changed nothing).
 
 Defaults: off_target_weight 1 (a point of probability moved elsewhere costs what a point toward the target gains),
 pixel_weight 5 (a phantom edit changes some 0.01-0.03 of the mean intensity, so the term is worth a few points of
@@ -37,6 +45,8 @@ from cfgen.metrics.effectiveness import AGE_TOLERANCE_YEARS, REGRESSION_ATTRIBUT
 
 PIXEL_WEIGHT = 5.0
 OFF_TARGET_WEIGHT = 1.0
+#: the effect at which the classifier reads a candidate as at the target
+REACHED = 0.5
 
 
 def edit_targets(edit: Mapping[str, Any], attributes: Sequence[str]) -> dict[str, float]:
@@ -80,14 +90,18 @@ def selection_scores(classifier, candidates: list[np.ndarray], image: np.ndarray
     before = classifier.predict(x)
     after_all = classifier.predict(stacked.reshape(n_settings * n, *x.shape[1:]))
     targets = edit_targets(edit, [a for a in before if a != "features"])
-    scores = np.empty((n_settings, n))
+    effects, off_target = np.zeros((n_settings, n)), np.empty((n_settings, n))
     for s in range(n_settings):
         after = {k: v[s * n:(s + 1) * n] for k, v in after_all.items()}
         effect = effect_score(after, targets)
-        pixels = np.abs(stacked[s] - x).reshape(n, -1).mean(axis=1)
-        scores[s] = (0.0 if effect is None else effect) \
-            - off_target_weight * off_target_shift(before, after, list(edit)) - pixel_weight * pixels
-    return scores
+        effects[s] = 0.0 if effect is None else effect
+        off_target[s] = off_target_shift(before, after, list(edit))
+    pixels = np.abs(stacked - x[None]).reshape(n_settings, n, -1).mean(axis=2)
+    if not targets:
+        return -off_target_weight * off_target - pixel_weight * pixels
+    reached = effects >= REACHED
+    some = reached.any(axis=0)  # [B]: the images some candidate makes the edit of; the others ignore the pixels
+    return effects + reached - off_target_weight * off_target - pixel_weight * pixels * some[None]
 
 
 def classifier_selection(classifier, edits: Sequence[Mapping[str, Any]], pixel_weight: float = PIXEL_WEIGHT,
