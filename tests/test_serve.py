@@ -67,7 +67,8 @@ def server(tmp_path_factory, ray_local):
     job = JobConfig.model_validate({
         "model": {"pretrained": str(folder / "sd")},
         "classifier": {"pretrained": str(folder / "clf"), "attributes": ["support_devices", "smoking"]},
-        "edit": {"method": "ddpm", "num_inference_steps": 4},
+        # directed ddpm, a sweep of two scales that the classifier chooses between per request
+        "edit": {"method": "ddpm", "num_inference_steps": 4, "edit_guidance": [1.5, 3.0], "edit_threshold": 0.5},
         "serve": {"port": port, "auth_token": TOKEN, "max_upload_mb": 1, "max_pixels": 1_000_000,
                   "max_steps": 8, "max_batch_size": 4, "num_cpus": 0.5, "max_ongoing_requests": 8},
         "tracking": {"tracking_uri": f"sqlite:///{folder}/mlflow.db"},
@@ -121,6 +122,7 @@ def test_a_png_upload_gets_a_counterfactual_with_prompts_and_metrics(server, pha
     assert out["factual_prompt"].startswith("a chest x-ray of a 61 year old female patient")
     assert "non-smoker" in out["factual_prompt"] and "non-smoker" not in out["counterfactual_prompt"]
     assert out["method"] == "ddpm" and out["unet_evaluations"] > 0 and out["model"]["model_version"]
+    assert out["edit_setting"]["edit_guidance"] in (1.5, 3.0)  # the sweep's scale the classifier kept
     cf, factual = png_of(out["images"]["counterfactual"]), png_of(out["images"]["factual"])
     assert cf.shape == factual.shape == (64, 64)
     m = out["metrics"]

@@ -167,7 +167,8 @@ def create_app(job: JobConfig, editor: Callable[[EditItem], Awaitable[EditOutcom
         facts = {
             "factual_prompt": outcome.factual_prompt, "counterfactual_prompt": outcome.counterfactual_prompt,
             "edit": parsed.set, "edit_applied": outcome.edit_applied, "edit_error": outcome.edit_error,
-            "method": method, "steps": steps, "guidance": guidance, "seed": parsed.seed,
+            "method": method, "edit_setting": outcome.setting, "steps": steps, "guidance": guidance,
+            "seed": parsed.seed,
             "unet_evaluations": outcome.unet_evaluations, "input": kind, "confined": item.mask is not None,
             "model": {k: v for k, v in (await info()).items() if k in ("model_uri", "model_version")},
             "metrics": outcome.metrics,

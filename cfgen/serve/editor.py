@@ -49,6 +49,7 @@ class EditOutcome:
     edit_error: str | None
     unet_evaluations: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    setting: dict[str, Any] = field(default_factory=dict)  # the sweep setting kept ({} without a sweep)
 
 
 def resolve_model(job: JobConfig) -> str:
@@ -144,8 +145,8 @@ class Editor:
         from cfgen.editing.engine import engine_options
         from cfgen.editing.padding import engine_call
         from cfgen.io.prompts import build_prompt
-        from cfgen.metrics.selection import sweep_selection
         from cfgen.metrics.image import as_unit_float
+        from cfgen.metrics.selection import sweep_selection
         from cfgen.pipeline.generate import edit_hold_prompts, edit_seed, planned_edit
 
         base = self.job.edit.model_dump(exclude={"plan"})
@@ -173,7 +174,8 @@ class Editor:
             counterfactual=cfs[i], factual_image=as_unit_float(images[i]), factual_prompt=factual_prompts[i],
             counterfactual_prompt=planned[i].prompt,
             edit_applied=json.loads(planned[i].applied) if planned[i].applied else None,
-            edit_error=planned[i].error, unet_evaluations=result.unet_forward_per_image, metrics=metrics[i])
+            edit_error=planned[i].error, unet_evaluations=result.unet_forward_per_image, metrics=metrics[i],
+            setting=result.settings[0][i])
             for i in range(len(items))]
 
     def _metrics(self, images, cfs, null_edit, items, planned) -> list[dict[str, Any]]:

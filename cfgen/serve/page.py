@@ -89,7 +89,8 @@ $("form").addEventListener("submit", async (e) => {
     $("download-png").href = $("counterfactual").src;
     $("panels").hidden = false; $("downloads").hidden = false;
     const rows = [["factual prompt", out.factual_prompt], ["counterfactual prompt", out.counterfactual_prompt],
-      ["method", out.method + ", " + out.steps + " steps, seed " + out.seed],
+      ["method", out.method + ", " + out.steps + " steps, seed " + out.seed +
+        (Object.keys(out.edit_setting || {}).length ? ", " + JSON.stringify(out.edit_setting) : "")],
       ["UNet evaluations", out.unet_evaluations], ["model version", out.model.model_version],
       ["mean |difference|", out.metrics.difference.mean_abs.toFixed(4)],
       ["changed pixels", (100 * out.metrics.difference.changed_fraction).toFixed(1) + "%"]];
