@@ -288,6 +288,11 @@ class OutputConfig(_Section):
     progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines")
 
 
+#: The editing methods that make one candidate per self-replace setting, for the engine's `select` to choose from
+#: (ddpm makes one per direction scale when `edit_guidance` is a list: `EditConfig.sweep_size`).
+SWEEP_METHODS = ("p2p", "null_text", "direct")
+
+
 class EditConfig(_Section):
     """How counterfactuals are made (`cfgen.editing.engine`)."""
 
@@ -401,7 +406,7 @@ class EditConfig(_Section):
     @property
     def sweep_size(self) -> int:
         """Candidates the engine makes per edit and image, for `select` to choose from (1: no choice)."""
-        if self.method in ("p2p", "null_text", "direct"):
+        if self.method in SWEEP_METHODS:
             return len(self.self_replace)
         return len(self.guidance_scales) if self.method == "ddpm" else 1
 

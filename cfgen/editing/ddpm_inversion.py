@@ -268,7 +268,7 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
     # a sweep's rows: every edit once per scale, scale-major (row (s * k + e) * n + i)
     k, m = len(counterfactual_prompts), len(counterfactual_prompts) * len(scales)
     prompts = [p for _ in scales for p in counterfactual_prompts]
-    holds = [h for _ in scales for h in (hold_prompts or [[] for _ in counterfactual_prompts])]
+    holds = [h for _ in scales for h in hold_prompts] if hold_prompts else []
     cond = torch.cat([encode_prompts(pipe, p) for p in prompts])
     row_scale = None
     if len(scales) > 1:
@@ -282,7 +282,7 @@ def ddpm_edit(pipe, latents: torch.Tensor, factual_prompts: list[str], counterfa
                          None if uncond is None else uncond.repeat(m, 1, 1), guidance_scale, skip,
                          None if latent_mask is None else latent_mask.repeat(m, 1, 1, 1),
                          encode_prompts(pipe, factual_prompts).repeat(m, 1, 1), direction,
-                         held_rows(pipe, factual_prompts, prompts, holds if hold_prompts else [], latents.device),
+                         held_rows(pipe, factual_prompts, prompts, holds, latents.device),
                          fresh, row_scale)
     chunks = [z.to(latents.dtype) for z in edited.split(n)]
     return [[chunks[s * k + e] for s in range(len(scales))] for e in range(k)], \

@@ -89,10 +89,6 @@ if TYPE_CHECKING:
     from cfgen.config import EditConfig
 
 METHODS = ("ddim", "sdedit", "p2p", "null_text", "direct", "ddpm")
-#: The methods that make one candidate per self-replace setting, for `select` to choose from (ddpm makes one per
-#: direction scale when `edit_guidance` is a list: `EditConfig.sweep_size`).
-SWEEP_METHODS = ("p2p", "null_text", "direct")
-
 #: select(candidates, image, edit_index) -> scores [n_settings, B]: candidates is one [B,H,W] float image in [0,1]
 #: per sweep setting (after compositing and confinement, i.e. what would be returned), image the input [B,H,W].
 Select = Callable[[list[np.ndarray], np.ndarray, int], np.ndarray]

@@ -118,7 +118,6 @@ def classifier_selection(classifier, edits: Sequence[Mapping[str, Any]], pixel_w
     return select
 
 
-
 def sweep_selection(config, load_classifier):
     """The `select` for an `EditConfig` whose method makes several candidates (`sweep_size` > 1): the attribute
     classifier that `load_classifier()` returns (called only then), scoring them by `selection_scores`. None where
