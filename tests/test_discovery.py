@@ -350,7 +350,7 @@ def test_other_edit_settings_or_another_model_never_reuse_generated_rows():
     assert generation_key(job, "m2") != key
 
 
-def test_discovery_says_when_the_classifier_chose_the_edits_it_measures_entanglement_through():
+def test_discovery_says_when_the_classifier_chose_the_edit_strength_it_measures_entanglement_at():
     from cfgen.config import JobConfig
     from cfgen.pipeline.discover import selection_notes
 
@@ -359,6 +359,6 @@ def test_discovery_says_when_the_classifier_chose_the_edits_it_measures_entangle
                                          "classifier": {"pretrained": classifier}})
 
     (note,) = selection_notes(job({"edit_guidance": [1.5, 3.0]}))
-    assert "2 settings" in note and "understates" in note
+    assert "2 settings" in note and "least change" in note and "stronger edit" in note
     assert selection_notes(job({"edit_guidance": 3.0})) == []  # one setting: nothing chosen
     assert selection_notes(job({"edit_guidance": [1.5, 3.0]}, classifier=None)) == []  # the smallest scale, always
