@@ -127,12 +127,12 @@ def variants(default_guidance: float) -> list[Variant]:
                              for g in (0.1, 0.25) for edited in (False, True)],
                            # the same at scale 2, and a sweep of scales: each image's edit made at 1.5, 2 and 3 and
                            # the one the attribute classifier reads as the target with the least change kept
-                           *[(f"ddpm dir{name} t0.9 skip0 cm0.5 grow0.25{' edited' * edited}",
+                           *[(f"ddpm dir{name} t0.9 skip0 cm0.5 grow0.25{hold_name}{' edited' * edited}",
                               {"method": "ddpm", "edit_guidance": scales, "edit_threshold": 0.9, "ddpm_skip": 0.0,
-                               "change_threshold": 0.5, "change_grow": 0.25,
+                               "change_threshold": 0.5, "change_grow": 0.25, "hold": held,
                                "change_fill": "edited" if edited else "composite"})
                              for name, scales in (("2", 2.0), ("1.5/2/3", [1.5, 2.0, 3.0]))
-                             for edited in (False, True)],
+                             for edited in (False, True) for hold_name, held in HOLD_VARIANTS[::2]],
                            # every other attribute held (its direction removed from the edit's), and/or the
                            # change mask filled with the decoded edit itself instead of the composite
                            *[(f"ddpm dir{g:g} t0.9 skip0 cm0.5{hold_name}{' edited' * edited}",
