@@ -18,6 +18,8 @@ from typing import Any
 from cfgen.config import JobConfig, load_config
 
 COMMANDS = ("demo", "phantoms", "ingest", "train", "classify", "generate", "discover")
+#: the commands that run Ray Train, and so want the dashboard's state API (`RayConfig.dashboard`; the demo asks itself)
+TRAINING_COMMANDS = ("train", "classify")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, JobConfig]:
@@ -53,7 +55,7 @@ def run(command: str, job: JobConfig) -> dict[str, Any]:
 
     if command == "demo":
         return workflows.run_demo(job)
-    init_ray(job.ray, use_gpu=job.train.use_gpu)
+    init_ray(job.ray, use_gpu=job.train.use_gpu, trains=command in TRAINING_COMMANDS)
     if command == "phantoms":
         return workflows.run_phantoms(job, out_uri=job.output_uri)
     if command == "ingest":

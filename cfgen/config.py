@@ -588,6 +588,12 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="None starts a local Ray on 127.0.0.1; 'auto' joins a cluster")
     num_cpus: int | None = Field(None, description="logical CPUs for a local Ray (more than cores keeps I/O going)")
     object_store_memory: int | None = None
+    dashboard: bool | None = Field(
+        None, description="start Ray's dashboard (127.0.0.1, port 8265 or the next free one) with a local Ray. Its "
+                          "state API is what Ray Train's placement-group cleaner polls once a second to free a "
+                          "crashed run's resources: without it the cleaner cannot work and logs a warning on every "
+                          "poll. None: on for the jobs that train (demo, train, classify), off for the others (ten "
+                          "more processes, ~1 s of CPU at start)")
 
 
 class AutoscalingConfig(_Section):

@@ -34,9 +34,10 @@ def use_arrow_pool_from_env() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
 
 
-def init_ray(cfg: RayConfig, use_gpu: bool = False):
+def init_ray(cfg: RayConfig, use_gpu: bool = False, trains: bool = False):
     """Join the cluster at `cfg.address` (or at RAY_ADDRESS, which `ray job submit` sets for its entrypoint), or
-    start a loopback-only local Ray (the embedded default)."""
+    start a loopback-only local Ray (the embedded default), with the dashboard where `cfg.dashboard` says, or, left
+    unset, where the job `trains` with Ray Train."""
     import ray
 
     for key, value in JOB_ENV.items():
@@ -65,7 +66,8 @@ def init_ray(cfg: RayConfig, use_gpu: bool = False):
     os.environ.update(env_vars)
     ray.init(
         _node_ip_address="127.0.0.1",
-        include_dashboard=False,
+        include_dashboard=trains if cfg.dashboard is None else cfg.dashboard,
+        dashboard_host="127.0.0.1",
         num_cpus=cfg.num_cpus,
         object_store_memory=cfg.object_store_memory,
         log_to_driver=True,

@@ -241,7 +241,7 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
     from cfgen.report.html import write_report
 
     started = time.time()
-    init_ray(job.ray, use_gpu=job.train.use_gpu)
+    init_ray(job.ray, use_gpu=job.train.use_gpu, trains=True)
     phantoms = run_phantoms(job)
     job = job.model_copy(deep=True)
     job.data.manifest_uri = phantoms["manifest_parquet"]
