@@ -348,6 +348,11 @@ def test_other_edit_settings_or_another_model_never_reuse_generated_rows():
     assert generation_key(job.model_copy(update={"edit": job.edit.model_copy(update={"guidance_scale": 3.0})}),
                           "m1") != key
     assert generation_key(job, "m2") != key
+    sweep = JobConfig.model_validate({"edit": {"method": "ddpm", "edit_guidance": [1.5, 3.0]},
+                                      "classifier": {"pretrained": "models:/clf@a"}})
+    assert generation_key(sweep, "m1") != generation_key(  # another classifier chooses other candidates
+        sweep.model_copy(update={"classifier": sweep.classifier.model_copy(update={"pretrained": "models:/clf@b"})}),
+        "m1")
 
 
 def test_discovery_says_when_the_classifier_chose_the_edit_strength_it_measures_entanglement_at():

@@ -114,6 +114,30 @@ def test_a_corrupt_input_and_a_failing_image_become_failure_rows_and_the_rest_fi
     _check_exact(root / "faults", 20)
 
 
+def test_a_rerun_with_other_edit_settings_is_new_work_beside_the_first_rows(phantom_set):
+    """A key names the method's pixel settings, not only its name: a rerun into the same output with another
+    setting edits again (it used to find every key done and leave the first setting's counterfactuals as the
+    answer), while another batch size or actor count is the same work. The report reads one plan's rows."""
+    from cfgen.pipeline.generate import generate
+    from cfgen.report.html import read_results
+
+    root, decoded = phantom_set
+    job = _job(root, "settings", limit=3)
+    first = generate(job, str(root / "sd"), decoded)
+    assert first.planned == 6 and first.done + first.failed == 6 and first.done >= 4
+    scaled = _job(root, "settings", limit=3, batch_size=1, num_actors=2)
+    assert generate(scaled, str(root / "sd"), decoded).rows_written == 0  # scale-out changes no pixel
+    stronger = _job(root, "settings", limit=3, edit_guidance=2.0)
+    second = generate(stronger, str(root / "sd"), decoded)
+    assert (second.planned, second.rows_written, second.done) == (6, first.done, first.done)
+    both = read_results(second.results_uri, stronger)
+    assert len(both) == 2 * first.done and both["key"].is_unique
+    mine = read_results(second.results_uri, stronger, second.keys_uri)
+    planned = set(pd.read_parquet(second.keys_uri)["key"])
+    assert len(mine) == second.done and set(mine["key"]) <= planned
+    assert set(mine["image_id"]) == set(read_results(first.results_uri, job, first.keys_uri)["image_id"])
+
+
 @pytest.mark.parametrize("stages, actor", [("fused", "FusedStage"), ("separate", "CounterfactualStage")])
 def test_an_editing_actor_killed_mid_job_is_replaced_and_the_counts_are_exact(phantom_set, stages, actor):
     import psutil

@@ -87,6 +87,38 @@ def test_keys_are_stable_and_name_every_part_of_the_work():
                 key_of("img1", "smoking=1", 0, "ddpm", "abd"), key_of("img2", "smoking=1", 0, "ddpm", "abc")}) == 5
 
 
+def test_the_key_names_every_setting_that_changes_pixels_and_the_classifier_that_chose_a_sweep():
+    from cfgen.config import EditConfig
+    from cfgen.pipeline.plan import method_signature
+
+    base = EditConfig(method="ddpm", edit_guidance=3.0, edit_threshold=0.9)
+    signature = method_signature(base)
+    assert signature.startswith("ddpm/")
+    for scale_out in ({"batch_size": 1}, {"num_actors": 4}, {"cpus_per_actor": 2}, {"limit": 5}, {"seed": 3},
+                      {"edits": [{"smoking": 1}]}, {"retry_failed": True}, {"stages": "separate"}):
+        assert method_signature(base.model_copy(update=scale_out)) == signature, scale_out
+    for setting in ({"edit_guidance": 2.0}, {"num_inference_steps": 10}, {"composite": False},
+                    {"change_threshold": 0.5}, {"hold": ["support_devices"]}):
+        assert method_signature(base.model_copy(update=setting)) != signature, setting
+    assert method_signature(base, chooser="clf-a") == signature  # one scale: nothing to choose
+    sweep = base.model_copy(update={"edit_guidance": [1.5, 3.0]})
+    assert method_signature(sweep, "clf-a") != method_signature(sweep, "clf-b") != method_signature(sweep)
+
+
+def test_the_chooser_is_the_classifier_files_digest_where_a_rule_sweeps(tmp_path):
+    from cfgen.config import EditConfig
+    from cfgen.pipeline.plan import chooser_id
+
+    job = JobConfig()
+    (tmp_path / "config.json").write_text('{"temperature": 1.0}')
+    one, sweep = EditConfig(), EditConfig(method="ddpm", edit_guidance=[1.5, 3.0])
+    assert chooser_id(str(tmp_path), job, [one]) is None and chooser_id(None, job, [sweep]) is None
+    before = chooser_id(str(tmp_path), job, [one, sweep])
+    (tmp_path / "config.json").write_text('{"temperature": 2.0}')  # retrained into the same folder
+    assert chooser_id(str(tmp_path), job, [sweep]) != before
+    assert chooser_id("models:/cfgen-classifier@champion", job, [sweep]) == "models:/cfgen-classifier@champion"
+
+
 @pytest.mark.parametrize("edit, match", [
     ({"weight": 1}, "cannot edit 'weight'"),
     ({"smoking": 2}, "set to 0 or 1"),

@@ -49,13 +49,16 @@ def training_metadata(job: JobConfig, decoded_uri: str, attributes: list[str]):
 
 
 def generation_key(job: JobConfig, model_uri: str) -> str:
-    """What makes two generations comparable: the model and every edit setting but the edits, seed and scale-out
-    (those are per-row keys or do not change pixels). A rerun with other settings writes beside, not over."""
+    """What makes two generations comparable: the model, every edit setting that decides pixels
+    (`cfgen.pipeline.plan.pixel_settings`) and the classifier that picks among a sweep's candidates. A rerun with
+    other settings writes beside, not over."""
     import hashlib
 
-    settings = job.edit.model_dump(mode="json", exclude={"edits", "seed", "limit", "batch_size", "num_actors",
-                                                         "cpus_per_actor", "gpus_per_actor"})
-    blob = json.dumps({"model": model_uri, "edit": settings, "decode": job.data.decode.model_dump(mode="json"),
+    from cfgen.pipeline.plan import chooser_id, pixel_settings
+
+    blob = json.dumps({"model": model_uri, "edit": pixel_settings(job.edit),
+                       "chooser": chooser_id(job.classifier.pretrained, job, [job.edit]),
+                       "decode": job.data.decode.model_dump(mode="json"),
                        "prompt": job.data.prompt.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

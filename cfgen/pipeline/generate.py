@@ -552,6 +552,7 @@ class GenerateResult:
     done: int = 0
     failed: int = 0
     summary: dict[str, Any] | None = None
+    keys_uri: str = ""  # this run's key table: results/ may also hold rows an earlier plan or setting wrote
 
 
 def generate(
@@ -576,7 +577,8 @@ def generate(
     import ray.data
 
     from cfgen.pipeline import commit
-    from cfgen.pipeline.plan import check_columns, expand, model_version, plan_summary, rules, unit_table
+    from cfgen.pipeline.plan import (check_columns, chooser_id, expand, model_version, plan_summary, rules,
+                                     unit_table)
     from cfgen.pipeline.progress import Progress
 
     edit = job.edit
@@ -590,9 +592,9 @@ def generate(
     meta_columns = [c for c in columns if c not in ("image", "provenance") and not c.startswith("__")]
     meta = decoded.to_table(columns=meta_columns).to_pandas()
     version = model_version(model_uri, job)
-    keys = expand(plan, meta, version, splits)
-    write_bytes(join_uri(out, "plan", "keys.parquet"), _parquet_bytes(pa.Table.from_pandas(keys, preserve_index=False)),
-                job.storage)
+    keys = expand(plan, meta, version, splits, chooser=chooser_id(classifier_uri, job, [r.config for r in plan]))
+    keys_uri = join_uri(out, "plan", "keys.parquet")
+    write_bytes(keys_uri, _parquet_bytes(pa.Table.from_pandas(keys, preserve_index=False)), job.storage)
     if edit.retry_failed:
         commit.remove_parts(failures_uri, job.storage)
     done_before = commit.committed_keys(results_uri, job.storage) & set(keys["key"])
@@ -667,7 +669,7 @@ def generate(
                            f"(planned {summary['planned']}, done {summary['done']}, failed {summary['failed']}); "
                            f"rerun to finish them")
     return GenerateResult(results_uri, summary["written_this_run"], images_skipped, summary["planned"],
-                          summary["done"], summary["failed"], summary)
+                          summary["done"], summary["failed"], summary, keys_uri)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

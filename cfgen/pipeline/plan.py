@@ -41,6 +41,26 @@ def key_of(image_id: Any, edit: str, seed: int, method: str, model_version: str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+#: EditConfig fields that change no pixel of a counterfactual: the key's own parts (edits, seed), which rows are
+#: planned (limit, plan), scale-out, resume and output options
+NON_PIXEL_FIELDS = frozenset({"edits", "seed", "limit", "plan", "batch_size", "pad_batches", "num_actors",
+                              "cpus_per_actor", "gpus_per_actor", "stages", "retry_failed", "output"})
+
+
+def pixel_settings(config: EditConfig) -> dict[str, Any]:
+    """The settings that decide a counterfactual's pixels, as JSON values."""
+    return config.model_dump(mode="json", exclude=set(NON_PIXEL_FIELDS))
+
+
+def method_signature(config: EditConfig, chooser: str | None = None) -> str:
+    """'<method>/<hash>' of `pixel_settings` and, where the method makes a sweep and `chooser` (the classifier's
+    id) picks among it, of the chooser: the key's method part. A rerun into the same output with other settings
+    or another classifier plans new keys beside the old rows instead of skipping them as done."""
+    blob = {"settings": pixel_settings(config), "chooser": chooser if config.sweep_size > 1 else None}
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{config.method}/{digest}"
+
+
 def image_rank(image_id: Any, salt: str = "") -> int:
     """The deterministic order `limit` picks images in."""
     return int(hashlib.sha256(f"{salt}|{image_id}".encode()).hexdigest()[:15], 16)
@@ -142,10 +162,11 @@ def matches(rule: PlanRule, meta: pd.DataFrame, splits: Iterable[str] | None) ->
 
 
 def expand(plan: list[Rule], meta: pd.DataFrame, model_version: str,
-           splits: Iterable[str] | None = ("test",)) -> pd.DataFrame:
+           splits: Iterable[str] | None = ("test",), chooser: str | None = None) -> pd.DataFrame:
     """The key table: one row per (selected image, rule edit, seed). `meta` holds the decoded table's metadata
     (image_id, split, status, error_reason, and every filtered column). A key two rules both plan is kept once,
-    under the first rule."""
+    under the first rule. The key's method part is the rule's `method_signature` (`chooser`: the id of the
+    classifier that picks among a sweep's candidates)."""
     frames = []
     for r in plan:
         rows = meta[matches(r.rule, meta, splits)]
@@ -157,6 +178,7 @@ def expand(plan: list[Rule], meta: pd.DataFrame, model_version: str,
         stage = rows["error_stage"] if "error_stage" in rows else pd.Series([None] * len(rows))
         reasons = [None if s == "ok" else f"input {st or 'decode'} failed: {e}"
                    for s, st, e in zip(status, stage.tolist(), errors.tolist())]
+        signature = method_signature(r.config, chooser)
         for edit in r.config.edits:
             name = edit_name(edit)
             for seed in r.rule.seeds:
@@ -164,14 +186,23 @@ def expand(plan: list[Rule], meta: pd.DataFrame, model_version: str,
                     "image_id": rows["image_id"].astype(str).to_numpy(), "rule": r.name,
                     "edit": json.dumps(edit, sort_keys=True), "edit_name": name, "seed": int(seed),
                     "method": r.config.method, "model_version": model_version,
-                    "input_status": status, "input_error": reasons,
+                    "input_status": status, "input_error": reasons, "signature": signature,
                 }))
-    keys = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS[1:])
+    keys = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*KEY_COLUMNS[1:], "signature"])
     keys.insert(0, "key", [key_of(i, e, s, m, v) for i, e, s, m, v in
-                           zip(keys["image_id"], keys["edit_name"], keys["seed"], keys["method"],
+                           zip(keys["image_id"], keys["edit_name"], keys["seed"], keys.pop("signature"),
                                keys["model_version"])])
     keys["seed"] = keys["seed"].astype("int64")
     return keys.drop_duplicates("key", keep="first").reset_index(drop=True)[list(KEY_COLUMNS)]
+
+
+def chooser_id(classifier_uri: str | None, job: JobConfig, configs: Iterable[EditConfig]) -> str | None:
+    """What identifies the classifier that picks among a sweep's candidates (`method_signature`'s chooser): its
+    files' digest, so a classifier retrained into the same folder is another chooser, or a `models:/` URI as it
+    is. None where no config sweeps or there is no classifier."""
+    if not classifier_uri or all(c.sweep_size < 2 for c in configs):
+        return None
+    return classifier_uri if classifier_uri.startswith("models:/") else model_version(classifier_uri, job)
 
 
 def model_version(model_uri: str, job: JobConfig) -> str:

@@ -281,5 +281,5 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
         "wall time (s)": f"{time.time() - started:.0f}",
     }
     report = write_report(job, generated.results_uri, facts=facts, errors=errors,
-                          classifier=classified["evaluation"], calibration=calibration)
+                          classifier=classified["evaluation"], calibration=calibration, keys_uri=generated.keys_uri)
     return {"report": report, "results_uri": generated.results_uri, **facts}

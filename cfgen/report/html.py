@@ -31,11 +31,19 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img{image-rendering:pixelated;wi
 """
 
 
-def read_results(results_uri: str, job: JobConfig) -> pd.DataFrame:
+def read_results(results_uri: str, job: JobConfig, keys_uri: str | None = None) -> pd.DataFrame:
+    """The generation rows, only those of the key table at `keys_uri` where given (a folder rerun with other
+    settings holds the earlier settings' rows too)."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
     fs, path = pyarrow_filesystem(results_uri, job.storage)
-    return pds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+    dataset = pds.dataset(path, filesystem=fs, format="parquet")
+    if not keys_uri:
+        return dataset.to_table().to_pandas()
+    keys_fs, keys_path = pyarrow_filesystem(keys_uri, job.storage)
+    keys = pds.dataset(keys_path, filesystem=keys_fs, format="parquet").to_table(columns=["key"]).column("key")
+    return dataset.to_table(filter=pc.field("key").isin(keys)).to_pandas()
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -149,10 +157,12 @@ def write_report(
     max_examples: int = 12,
     classifier: dict[str, Any] | None = None,
     calibration: list[dict[str, Any]] | None = None,
+    keys_uri: str | None = None,
 ) -> str:
     """Write `<output_uri>/report.html` and return its URI. `classifier`: the classifier's evaluation (held-out
-    AUROC, age MAE); `calibration`: the instrument's calibration table (`cfgen.pipeline.instrument`)."""
-    results = read_results(results_uri, job)
+    AUROC, age MAE); `calibration`: the instrument's calibration table (`cfgen.pipeline.instrument`); `keys_uri`:
+    the run's key table, whose rows alone are reported."""
+    results = read_results(results_uri, job, keys_uri)
     summary = summarize(results) if len(results) else pd.DataFrame()
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>cfgen report</title><style>{STYLE}</style>"
              "</head><body><h1>cfgen run report</h1>"]
