@@ -132,6 +132,7 @@ def test_a_rerun_with_other_edit_settings_is_new_work_beside_the_first_rows(phan
     assert (second.planned, second.rows_written, second.done) == (6, first.done, first.done)
     both = read_results(second.results_uri, stronger)
     assert len(both) == 2 * first.done and both["key"].is_unique
+    assert both.groupby("method_signature").size().tolist() == [first.done] * 2  # each row says its setting
     mine = read_results(second.results_uri, stronger, second.keys_uri)
     planned = set(pd.read_parquet(second.keys_uri)["key"])
     assert len(mine) == second.done and set(mine["key"]) <= planned

@@ -70,8 +70,10 @@ class CounterfactualStage:
         self._classifier = None
         self.units: dict[str, list[dict[str, Any]]] = {}
         table = units if isinstance(units, pa.Table) else _get_ref(units)
+        self.signatures: dict[str, str] = {}  # rule -> its method_signature (the key's method part)
         for unit in table.to_pylist():
             self.units.setdefault(str(unit["image_id"]), []).append(unit)
+            self.signatures[unit["rule"]] = unit.get("method_signature") or ""
 
     def _select(self, config: EditConfig):
         from cfgen.metrics.selection import sweep_selection
@@ -174,6 +176,8 @@ class CounterfactualStage:
             "edit_error": [p.error for per_edit in planned for p in per_edit],
             "seed": np.full(n * k, seed, dtype=np.int64),
             "method": [edit.method] * (n * k),
+            # the method and a hash of its pixel settings: rows of another setting in the same folder differ here
+            "method_signature": [self.signatures.get(rule, "")] * (n * k),
             # the chosen sweep setting, e.g. {"self_replace": 0.6}; {} for a method without a sweep
             "edit_setting": [json.dumps(s, sort_keys=True) for per_edit in result.settings for s in per_edit],
             "composited": np.full(n * k, edit.composite),

@@ -26,8 +26,8 @@ from cfgen.config import EditConfig, JobConfig, PlanRule, PromptConfig
 from cfgen.io.prompts import BINARY_ATTRIBUTES, KNOWN_ATTRIBUTES, check_hold, is_shift
 
 #: Columns of the key table, in order.
-KEY_COLUMNS = ("key", "image_id", "rule", "edit", "edit_name", "seed", "method", "model_version", "input_status",
-               "input_error")
+KEY_COLUMNS = ("key", "image_id", "rule", "edit", "edit_name", "seed", "method", "method_signature",
+               "model_version", "input_status", "input_error")
 
 
 def edit_name(edit: Mapping[str, Any]) -> str:
@@ -186,11 +186,11 @@ def expand(plan: list[Rule], meta: pd.DataFrame, model_version: str,
                     "image_id": rows["image_id"].astype(str).to_numpy(), "rule": r.name,
                     "edit": json.dumps(edit, sort_keys=True), "edit_name": name, "seed": int(seed),
                     "method": r.config.method, "model_version": model_version,
-                    "input_status": status, "input_error": reasons, "signature": signature,
+                    "input_status": status, "input_error": reasons, "method_signature": signature,
                 }))
-    keys = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*KEY_COLUMNS[1:], "signature"])
+    keys = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEY_COLUMNS[1:])
     keys.insert(0, "key", [key_of(i, e, s, m, v) for i, e, s, m, v in
-                           zip(keys["image_id"], keys["edit_name"], keys["seed"], keys.pop("signature"),
+                           zip(keys["image_id"], keys["edit_name"], keys["seed"], keys["method_signature"],
                                keys["model_version"])])
     keys["seed"] = keys["seed"].astype("int64")
     return keys.drop_duplicates("key", keep="first").reset_index(drop=True)[list(KEY_COLUMNS)]
@@ -234,7 +234,8 @@ def plan_summary(keys: pd.DataFrame) -> dict[str, Any]:
 
 
 #: The columns of the key table the editing actors receive.
-UNIT_COLUMNS = ["key", "image_id", "rule", "edit", "edit_name", "seed", "method", "model_version"]
+UNIT_COLUMNS = ["key", "image_id", "rule", "edit", "edit_name", "seed", "method", "method_signature",
+                "model_version"]
 
 
 def unit_table(keys: pd.DataFrame):

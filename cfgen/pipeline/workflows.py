@@ -274,7 +274,8 @@ def run_demo(job: JobConfig) -> dict[str, Any]:
         "classifier": f"{job.classifier.architecture}, {job.classifier.train.epochs} epochs on "
                       f"{classified['evaluation']['n_train']} images, {classified['classifier_uri']}",
         "training budget": f"{job.train.max_steps} UNet steps: a demo-sized model that has not yet learned every "
-                           f"phrase (configs/phantom-bench.yaml trains the benchmark's model; bench/RESULTS.md)",
+                           f"phrase (configs/phantom-bench-v2.yaml trains the benchmark's model to 4,500; "
+                           f"bench/RESULTS.md)",
         "autoencoder held-out L1": _fidelity_text(job),
         "editing": job.edit.describe(),
         "counterfactual rows": generated.rows_written,
