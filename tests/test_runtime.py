@@ -15,7 +15,8 @@ from ray.util.state import list_nodes
 
 ray = init_ray(RayConfig(num_cpus=1, dashboard={dashboard}), trains={trains})
 try:
-    list_nodes(timeout=10)
+    # this Ray's address: other tests' Ray instances may run on the machine at the same time
+    list_nodes(address=ray.get_runtime_context().gcs_address, timeout=10)
     print("STATE-API-UP")
 except Exception as error:
     print("STATE-API-DOWN", type(error).__name__)
