@@ -348,6 +348,8 @@ def test_other_edit_settings_or_another_model_never_reuse_generated_rows():
     assert generation_key(job.model_copy(update={"edit": job.edit.model_copy(update={"guidance_scale": 3.0})}),
                           "m1") != key
     assert generation_key(job, "m2") != key
+    limited = job.model_copy(update={"discovery": job.discovery.model_copy(update={"limit": 50})})
+    assert generation_key(limited, "m1") != key  # the analysis reads the whole folder: 50 subjects, not 100
     sweep = JobConfig.model_validate({"edit": {"method": "ddpm", "edit_guidance": [1.5, 3.0]},
                                       "classifier": {"pretrained": "models:/clf@a"}})
     assert generation_key(sweep, "m1") != generation_key(  # another classifier chooses other candidates
