@@ -36,8 +36,8 @@ from cfgen.io.storage import read_bytes, redact
 TEXT_COLUMNS = (
     "prompt", "status", "error_stage", "error_reason", "provenance", "edit", "edit_name",
     "counterfactual_prompt", "model_uri", "counterfactual_uri", "panel_uri", "metric_error",
-    "method", "method_signature", "edit_setting", "edit_applied", "edit_error", "factual_uri", "key", "rule", "model_version",
-    "failure_stage", "failure_reason", "dicom_uri",
+    "method", "method_signature", "edit_setting", "edit_applied", "edit_error", "factual_uri", "key", "rule",
+    "model_version", "failure_stage", "failure_reason", "dicom_uri",
 )
 
 
