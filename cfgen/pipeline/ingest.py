@@ -40,7 +40,11 @@ def ingest(job: JobConfig, output_uri: str | None = None) -> IngestResult:
     out = output_uri or join_uri(job.output_uri, "ingest")
     decoded_uri, errors_uri, marker = join_uri(out, "decoded"), join_uri(out, "errors.parquet"), join_uri(out, SUCCESS)
     if exists(marker, job.storage):
-        return IngestResult(**json.loads(read_bytes(marker, job.storage)))
+        from cfgen.pipeline.reuse import check_reuse
+
+        done = json.loads(read_bytes(marker, job.storage))
+        check_reuse(out, done.pop("settings", None), ingest_settings(job), unrecorded_ok=True)
+        return IngestResult(**done)
 
     fs, decoded_path = fsspec_filesystem(decoded_uri, job.storage)
     if fs.exists(decoded_path):
@@ -74,8 +78,13 @@ def ingest(job: JobConfig, output_uri: str | None = None) -> IngestResult:
         error_rows=len(errors),
     )
     result.check()
-    write_bytes(marker, json.dumps(asdict(result)).encode(), job.storage)
+    write_bytes(marker, json.dumps({**asdict(result), "settings": ingest_settings(job)}).encode(), job.storage)
     return result
+
+
+def ingest_settings(job: JobConfig) -> dict:
+    """The data settings a decoded output depends on (all of `data` but the read concurrency)."""
+    return {"data": job.data.model_dump(mode="json", exclude={"read_concurrency"})}
 
 
 def count_rows(decoded_uri: str, job: JobConfig) -> int:

@@ -136,6 +136,14 @@ def base_model(job: JobConfig, decoded_uri: str) -> str:
     return uri
 
 
+def training_settings(job: JobConfig) -> dict[str, Any]:
+    """What a fine-tuned model depends on: the model and training sections (but the step budget, which a rerun
+    may raise to train on) and the captions and pixels it learned from."""
+    return {"model": job.model.model_dump(mode="json"),
+            "train": job.train.model_dump(mode="json", exclude={"max_steps", "checkpoint_every"}),
+            "data": job.data.model_dump(mode="json", include={"decode", "prompt"})}
+
+
 def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
     from cfgen.pipeline.ingest import training_dataset
     from cfgen.tracking import runs
@@ -145,8 +153,14 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
     output = join_uri(job.output_uri, "models", "finetuned")
     marker = join_uri(job.output_uri, "models", "finetuned.json")
     if exists(marker, job.storage):  # finished earlier: training is not repeated, unless asked to go further
+        from cfgen.pipeline.reuse import check_reuse
+
         done = json.loads(read_bytes(marker, job.storage))
         trained = int((done.get("metrics") or {}).get("step") or 0)
+        # a finished model written before settings were recorded is reused; training on from its checkpoint
+        # with settings that cannot be checked is refused
+        check_reuse(output, done.get("settings"), training_settings(job),
+                    unrecorded_ok=trained >= job.train.max_steps)
         if trained >= job.train.max_steps:
             return done
         # a rerun with a larger train.max_steps continues from the last checkpoint (same run name and output)
@@ -178,7 +192,7 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
         version = runs.register_model(job.tracking, run_id, "pipeline")
     runs.end_run(job.tracking, run_id)
     summary = {"model_uri": output, "run_id": run_id, "model_version": version, "metrics": result.metrics,
-               "train_seconds": seconds}
+               "train_seconds": seconds, "settings": training_settings(job)}
     write_bytes(marker, json.dumps(summary, default=str).encode(), job.storage)
     return summary
 
