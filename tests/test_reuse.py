@@ -59,7 +59,7 @@ def test_training_on_from_a_model_whose_settings_were_not_recorded_is_refused(tm
     from cfgen.pipeline.workflows import run_train
 
     _trained(tmp_path, _job(tmp_path), step=5, settings="none")
-    with pytest.raises(ValueError, match="older cfgen"):
+    with pytest.raises(ValueError, match=f"older cfgen.*remove {tmp_path / 'run'} to redo"):
         run_train(_job(tmp_path))
     assert run_train(_job(tmp_path, max_steps=5))["metrics"]["step"] == 5  # finished: reused as it is
 

@@ -33,10 +33,12 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 def check_reuse(folder: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any], *,
-                unrecorded_ok: bool) -> None:
+                unrecorded_ok: bool, redo: str | None = None) -> None:
     """Raise where `folder` was made with other settings than `current`. An output written before settings were
-    recorded (`recorded` None) is reused with a warning where `unrecorded_ok`, and refused otherwise."""
-    remedy = f"write to another output_uri, or remove {folder} to redo it"
+    recorded (`recorded` None) is reused with a warning where `unrecorded_ok`, and refused otherwise. `redo`: what
+    to remove to redo it (default `folder`; a model's whole run folder, whose base model and latents share its
+    settings)."""
+    remedy = f"write to another output_uri, or remove {redo or folder} to redo it"
     if recorded is None:
         if unrecorded_ok:
             log.warning("%s was written by an older cfgen that did not record its settings: reused as it is", folder)

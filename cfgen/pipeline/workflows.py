@@ -160,7 +160,7 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
         # a finished model written before settings were recorded is reused; training on from its checkpoint
         # with settings that cannot be checked is refused
         check_reuse(output, done.get("settings"), training_settings(job),
-                    unrecorded_ok=trained >= job.train.max_steps)
+                    unrecorded_ok=trained >= job.train.max_steps, redo=job.output_uri)
         if trained >= job.train.max_steps:
             return done
         # a rerun with a larger train.max_steps continues from the last checkpoint (same run name and output)
