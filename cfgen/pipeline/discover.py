@@ -49,15 +49,16 @@ def training_metadata(job: JobConfig, decoded_uri: str, attributes: list[str]):
 
 
 def generation_key(job: JobConfig, model_uri: str) -> str:
-    """What makes two generations comparable: the model, every edit setting that decides pixels
-    (`cfgen.pipeline.plan.pixel_settings`), the classifier that picks among a sweep's candidates and
-    `discovery.limit` (the analysis reads the whole folder). A rerun with other settings writes beside, not over."""
+    """What makes two generations comparable: the model, the method's signature (every edit setting that decides
+    pixels and the classifier that picks among a sweep's candidates: `cfgen.pipeline.plan.method_signature`, the
+    generation keys' own) and `discovery.limit` (the analysis reads the whole folder). A rerun with other settings
+    writes beside, not over."""
     import hashlib
 
-    from cfgen.pipeline.plan import chooser_id, pixel_settings
+    from cfgen.pipeline.plan import chooser_id, method_signature
 
-    blob = json.dumps({"model": model_uri, "edit": pixel_settings(job.edit),
-                       "chooser": chooser_id(job.classifier.pretrained, job, [job.edit]),
+    blob = json.dumps({"model": model_uri,
+                       "method": method_signature(job.edit, chooser_id(job.classifier.pretrained, job, [job.edit])),
                        # the analysis reads every row of the folder: a smaller limit must not find a larger one's
                        "limit": job.discovery.limit,
                        "decode": job.data.decode.model_dump(mode="json"),

@@ -47,16 +47,13 @@ NON_PIXEL_FIELDS = frozenset({"edits", "seed", "limit", "plan", "batch_size", "p
                               "cpus_per_actor", "gpus_per_actor", "stages", "retry_failed", "output"})
 
 
-def pixel_settings(config: EditConfig) -> dict[str, Any]:
-    """The settings that decide a counterfactual's pixels, as JSON values."""
-    return config.model_dump(mode="json", exclude=set(NON_PIXEL_FIELDS))
-
-
 def method_signature(config: EditConfig, chooser: str | None = None) -> str:
-    """'<method>/<hash>' of `pixel_settings` and, where the method makes a sweep and `chooser` (the classifier's
-    id) picks among it, of the chooser: the key's method part. A rerun into the same output with other settings
-    or another classifier plans new keys beside the old rows instead of skipping them as done."""
-    blob = {"settings": pixel_settings(config), "chooser": chooser if config.sweep_size > 1 else None}
+    """'<method>/<hash>' of every setting that decides a counterfactual's pixels (all but `NON_PIXEL_FIELDS`) and,
+    where the method makes a sweep and `chooser` (the classifier's id) picks among it, of the chooser: the key's
+    method part. A rerun into the same output with other settings or another classifier plans new keys beside
+    the old rows instead of skipping them as done."""
+    blob = {"settings": config.model_dump(mode="json", exclude=set(NON_PIXEL_FIELDS)),
+            "chooser": chooser if config.sweep_size > 1 else None}
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.method}/{digest}"
 

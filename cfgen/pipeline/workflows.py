@@ -157,11 +157,12 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
 
         done = json.loads(read_bytes(marker, job.storage))
         trained = int((done.get("metrics") or {}).get("step") or 0)
+        finished = trained >= job.train.max_steps
         # a finished model written before settings were recorded is reused; training on from its checkpoint
         # with settings that cannot be checked is refused
-        check_reuse(output, done.get("settings"), training_settings(job),
-                    unrecorded_ok=trained >= job.train.max_steps, redo=job.output_uri)
-        if trained >= job.train.max_steps:
+        check_reuse(output, done.get("settings"), training_settings(job), unrecorded_ok=finished,
+                    redo=job.output_uri)
+        if finished:
             return done
         # a rerun with a larger train.max_steps continues from the last checkpoint (same run name and output)
         log.info("the model at %s trained %d steps; train.max_steps is %d: training on from its checkpoint",
