@@ -7,6 +7,11 @@ excludes 0; the benchmark reports, per (intervention, region): the estimate, its
 flagged, the planted size, and whether the CI covers it. Nothing here is told which effect was planted: a data set
 with other planted effects is scored the same way.
 
+The planted size is the direct effect: the truth holds every attribute the intervention does not set, as the edited
+prompt does (`cfgen.phantoms.truth.held_intervention`). Where the intervened attribute causes others (age and sex in
+the phantoms), the total effect, its descendants recomputed, is printed beside it and not scored: an edit that
+keeps the rest of the prompt does not estimate it.
+
 Checks printed PASS/MISS (issue 17):
 - every planted effect of a non-control intervention inside the lungs is recovered: right sign, the 95% CI covers
   the planted size, p < 0.01; and no region outside the lungs is flagged for it;
@@ -40,7 +45,9 @@ LUNG_REGIONS = ("lungs", "right_lung", "left_lung")
 
 def true_region_differences(job, subjects: pd.DataFrame) -> pd.DataFrame:
     """Per (intervention, subject): the true counterfactual minus the factual, meaned in each region (the same
-    regions, from the same lung mask, as the analysis used)."""
+    regions, from the same lung mask, as the analysis used). `d__` columns: the direct effect, every attribute the
+    intervention does not set held (what a prompt edit asks for, `cfgen.phantoms.truth.held_intervention`); `t__`
+    columns: the total effect, the intervention's descendants recomputed by the SCM (differs for age and sex)."""
     from cfgen.discovery.analysis import region_names
     from cfgen.discovery.regions import region_masks, region_means
     from cfgen.phantoms.scm import PhantomSCM
@@ -55,11 +62,14 @@ def true_region_differences(job, subjects: pd.DataFrame) -> pd.DataFrame:
         index = int(s["phantom_index"])
         edit = json.loads(s["edit_applied"])
         factual = true_counterfactual(scm, index, {}, job.data.decode) / scale
-        truth = true_counterfactual(scm, index, edit, job.data.decode) / scale
         _, lungs = scm.render(scm.subject(index), job.data.decode.size)
-        means = region_means(truth - factual, region_masks({"lungs": lungs}, factual.shape))
-        rows.append({"edit_name": s["edit_name"], "image_id": s["image_id"],
-                     **{f"d__{r}": means.get(r, np.nan) for r in names}})
+        masks = region_masks({"lungs": lungs}, factual.shape)
+        row = {"edit_name": s["edit_name"], "image_id": s["image_id"]}
+        for prefix, effect in (("d", "direct"), ("t", "total")):
+            truth = true_counterfactual(scm, index, edit, job.data.decode, effect=effect) / scale
+            means = region_means(truth - factual, masks)
+            row.update({f"{prefix}__{r}": means.get(r, np.nan) for r in names})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -75,14 +85,16 @@ def score(job, out: dict[str, Any]) -> dict[str, Any]:
     d = job.discovery
     rows = []
     for _, r in regions.iterrows():
-        t = truth.loc[truth["edit_name"] == r["intervention"], f"d__{r['region']}"].to_numpy(np.float64)
+        mine = truth[truth["edit_name"] == r["intervention"]]
+        t = mine[f"d__{r['region']}"].to_numpy(np.float64)
         s = paired_summary(t, alpha=d.alpha, n_boot=d.bootstrap, min_n=d.min_subjects) if len(t) else None
+        total = float(mine[f"t__{r['region']}"].mean()) if len(mine) else np.nan
         planted = bool(s and (s["ci_low"] > 0 or s["ci_high"] < 0) and abs(s["mean"]) > 1e-4)
         rows.append({"intervention": r["intervention"], "region": r["region"], "null_control": bool(r["null_control"]),
                      "n": int(r["n"]), "estimate": r["mean_diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                      "p_value": r["p_value"], "q_value": r["q_value"], "significant": bool(r["significant"]),
                      "flagged": bool(r["flagged"]), "min_effect": float(r["min_effect"]),
-                     "planted_size": s["mean"] if s else np.nan, "planted": planted,
+                     "planted_size": s["mean"] if s else np.nan, "planted": planted, "total_effect": total,
                      "covers_planted": bool(r["ci_low"] <= s["mean"] <= r["ci_high"]) if s else False,
                      "effect_ratio": r["mean_diff"] / s["mean"] if s and planted else np.nan})
     table = pd.DataFrame(rows)
@@ -184,8 +196,8 @@ def print_block(scored: dict[str, Any]) -> None:
     print(f"\n## {scored['config']} (confounding {scored['confounding']:g}; {scored['seconds']:.0f} s; "
           f"minimum effect {margin}; report {scored['report']})\n")
     print("| intervention | region | n | estimate | 95% CI | p | significant | flagged | planted size | covers "
-          "| ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ratio | total effect |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in scored["regions"]:
         ratio = r["effect_ratio"]
         ratio = "-" if ratio is None or np.isnan(ratio) else f"{ratio:.2f}"
@@ -195,7 +207,8 @@ def print_block(scored: dict[str, Any]) -> None:
               f"| [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['p_value']:.1e} "
               f"| {'-' if r.get('significant') is None else ('yes' if r['significant'] else 'no')} "
               f"| {'yes' if r['flagged'] else 'no'} "
-              f"| {r['planted_size']:.4f}{planted} | {'yes' if r['covers_planted'] else 'no'} | {ratio} |")
+              f"| {r['planted_size']:.4f}{planted} | {'yes' if r['covers_planted'] else 'no'} | {ratio} "
+              f"| {'-' if r.get('total_effect') is None else format(r['total_effect'], '.4f')} |")
     print("\n| check | value | result |\n|---|---|---|")
     for c in scored["checks"]:
         print(f"| {c['check']} | {c['value']} | {'PASS' if c['pass'] else 'MISS'} |")

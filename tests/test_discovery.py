@@ -369,3 +369,18 @@ def test_discovery_says_when_the_classifier_chose_the_edit_strength_it_measures_
     assert "2 settings" in note and "least change" in note and "stronger edit" in note
     assert selection_notes(job({"edit_guidance": 3.0})) == []  # one setting: nothing chosen
     assert selection_notes(job({"edit_guidance": [1.5, 3.0]}, classifier=None)) == []  # the smallest scale, always
+
+
+def test_discovery_says_its_figures_are_direct_effects_where_the_attribute_causes_others():
+    from cfgen.config import JobConfig
+    from cfgen.discovery.plans import Intervention
+    from cfgen.pipeline.discover import estimand_notes
+
+    job = JobConfig.model_validate({"discovery": {"expected_effects": {"pleural_effusion": ["support_devices"]}}})
+    age, sex = Intervention("age", "+10", per=10.0), Intervention("sex", "F")
+    effusion, smoking = Intervention("pleural_effusion", 1), Intervention("smoking", 1)
+    notes = estimand_notes(job, [age, sex, effusion, smoking, Intervention("smoking", 1, null_control=True)])
+    assert len(notes) == 3  # smoking causes nothing listed, and a null control's size is 0 either way
+    assert notes[0].startswith("age=+10:") and "direct effect" in notes[0] and "expected_effects" in notes[0]
+    assert notes[1].startswith("sex=F:")
+    assert notes[2].startswith("pleural_effusion=1:") and "support_devices stay as stated" in notes[2]

@@ -179,6 +179,35 @@ def test_removing_a_visible_device_is_identifiable():
     assert floor_errors(truth / 255.0, removed / 255.0) == (0.0, 0.0)
 
 
+
+def test_an_edits_truth_holds_what_the_intervention_causes_unless_asked_for_the_total_effect():
+    """do(age=+10) with the prompt's other attributes held is what an edit of "63 year old" asks for; the SCM's
+    own counterfactual also lets age's descendants follow (here a new finding)."""
+    from cfgen.config import DecodeConfig
+    from cfgen.phantoms.truth import changes_truth, held_intervention, true_counterfactual
+
+    scm, decode = PhantomSCM(PhantomConfig(seed=5, size=64)), DecodeConfig(size=64, dtype="uint8")
+
+    def older(s):
+        return {"age": min(s.age + 10, 90)}
+
+    s = _find(scm, lambda s: s.age <= 80 and scm.intervene(s, older(s)).attributes() != {**s.attributes(), **older(s)})
+    edit = older(s)
+    assert held_intervention(s, edit) == {**s.attributes(), **edit}
+    assert scm.intervene(s, held_intervention(s, edit)).attributes() == {**s.attributes(), **edit}
+    direct = true_counterfactual(scm, s.index, edit, decode)
+    total = true_counterfactual(scm, s.index, edit, decode, effect="total")
+    factual = true_counterfactual(scm, s.index, {}, decode)
+    assert not np.array_equal(direct, total) and not np.array_equal(direct, factual)
+    assert changes_truth(scm, s.index, edit) and changes_truth(scm, s.index, edit, effect="total")
+    # an attribute with no descendants: both truths are one image
+    smoker = _find(scm, lambda s: s.smoking == 0)
+    assert np.array_equal(true_counterfactual(scm, smoker.index, {"smoking": 1}, decode),
+                          true_counterfactual(scm, smoker.index, {"smoking": 1}, decode, effect="total"))
+    with pytest.raises(ValueError, match="effect must be one of"):
+        true_counterfactual(scm, s.index, edit, decode, effect="natural")
+
+
 # ---------------------------------------------------------------------------------------------------- renderer
 def test_do_support_devices_changes_only_device_pixels(scm):
     s = _find(scm, lambda s: s.support_devices == 1)
