@@ -14,7 +14,8 @@ keeps the rest of the prompt does not estimate it.
 
 Checks printed PASS/MISS (issue 17):
 - every planted effect of a non-control intervention inside the lungs is recovered: right sign, the 95% CI covers
-  the planted size, p < 0.01; and no region outside the lungs is flagged for it;
+  the planted size, p < 0.01; and no region is flagged for it where the truth did not change, or changed the
+  other way (the issue's "no zone outside the lungs flagged", for effects that leave the rest of the image alone);
 - no region of a null control is flagged;
 - the entanglement flag of do(pleural_effusion=1) on support_devices: set on a confounded data set (phantoms'
   `confounding` > 0), clear on an unconfounded one.
@@ -117,9 +118,12 @@ def checks_for(table: pd.DataFrame, entanglement: pd.DataFrame, confounding: flo
                                 f"p < 0.01", "value": f"{r['estimate']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}] "
                                                       f"p {r['p_value']:.1e}", "pass": ok})
     for name in table.loc[table["planted"] & lungs & ~table["null_control"], "intervention"].unique():
-        outside = table[(table["intervention"] == name) & (table["region"] == "outside_lungs")]
-        checks.append({"check": f"{name}: outside_lungs not flagged", "value": str(outside["flagged"].tolist()),
-                       "pass": not outside["flagged"].any()})
+        # a flag where the truth changed nothing, or with the truth's sign reversed, is a false finding; a planted
+        # change outside the lungs (sex moves the body's outline) may be flagged with its sign
+        mine = table[(table["intervention"] == name) & table["flagged"]]
+        false = mine[~mine["planted"] | (np.sign(mine["estimate"]) != np.sign(mine["planted_size"]))]
+        checks.append({"check": f"{name}: no region flagged where the truth did not change that way",
+                       "value": ", ".join(false["region"]) or "none", "pass": false.empty})
     for name in table.loc[table["null_control"], "intervention"].unique():
         mine = table[table["intervention"] == name]
         checks.append({"check": f"null control {name}: no region flagged",

@@ -384,3 +384,17 @@ def test_discovery_says_its_figures_are_direct_effects_where_the_attribute_cause
     assert notes[0].startswith("age=+10:") and "direct effect" in notes[0] and "expected_effects" in notes[0]
     assert notes[1].startswith("sex=F:")
     assert notes[2].startswith("pleural_effusion=1:") and "support_devices stay as stated" in notes[2]
+
+
+def test_discovery_says_when_its_edits_are_confined_to_where_they_change_most():
+    from cfgen.config import JobConfig
+    from cfgen.pipeline.discover import localization_notes
+
+    def job(**edit):
+        return JobConfig.model_validate({"edit": {"method": "ddpm", **edit}})
+
+    (note,) = localization_notes(job(edit_threshold=0.9, change_threshold=0.5))
+    assert "edit.edit_threshold 0.9" in note and "edit.change_threshold 0.5" in note and "wrong sign" in note
+    (note,) = localization_notes(job(confine="mask"))
+    assert "edit.confine" in note and "threshold" not in note
+    assert localization_notes(job()) == []  # unconfined: nothing to say

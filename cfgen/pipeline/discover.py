@@ -113,6 +113,28 @@ def estimand_notes(job: JobConfig, interventions) -> list[str]:
     return notes
 
 
+def localization_notes(job: JobConfig) -> list[str]:
+    """What the report must say when the edits are confined to where each one changes most (the implicit latent
+    mask `edit.edit_threshold`, the change mask `edit.change_threshold`, `edit.confine`): a change spread wider and
+    weaker than the edit's strongest one is cut from every counterfactual, so discovery misses it or reads it with
+    the wrong sign. On the phantoms do(sex=F) moved the image outside the lungs by +0.0046 with both masks, where
+    the truth darkens it by -0.0263; without them it read -0.0216, but strong edits' drift then flagged regions the
+    truth left alone (do(effusion=1) outside the lungs, -0.0125) (bench/RESULTS.md)."""
+    edit, confined = job.edit, []
+    if edit.method == "ddpm" and edit.edit_threshold:
+        confined.append(f"the latent cells where the edit's direction is largest (edit.edit_threshold "
+                        f"{edit.edit_threshold:g})")
+    if edit.composite and edit.change_threshold:
+        confined.append(f"the pixels the edit changes most (edit.change_threshold {edit.change_threshold:g})")
+    if edit.confine != "none":
+        confined.append("each row's mask (edit.confine)")
+    if not confined:
+        return []
+    return [f"edits confined to {' and to '.join(confined)}: a change spread wider and weaker than the strongest one "
+            "is cut, so an effect you did not expect may be missed or read with the wrong sign; run discovery "
+            "without them too (0 / 'none'), with a null control to size the drift that unconfined edits add"]
+
+
 def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str | None = None) -> dict[str, Any]:
     from cfgen.discovery.analysis import attribute_correlations, stream_subjects, summarize, to_json
     from cfgen.discovery.plans import plan
@@ -136,7 +158,7 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
         attributes = sorted({i.attribute for i in interventions} | set(job.classifier.attributes))
         correlations = attribute_correlations(training_metadata(job, decoded_uri, attributes), attributes)
         result = summarize(reduction, correlations)
-        result.notes.extend(estimand_notes(job, interventions) + selection_notes(job))
+        result.notes.extend(estimand_notes(job, interventions) + localization_notes(job) + selection_notes(job))
         summary = to_json(result)
         for name, frame in (("regions", result.regions), ("entanglement", result.entanglement)):
             _write_table(frame, join_uri(out, f"{name}.parquet"), job)
