@@ -4,7 +4,7 @@
     cfgen phantoms --n 1000 --out s3://bucket/phantoms --size 128 --seed 1
     cfgen classify --config configs/demo.yaml
     cfgen generate --config configs/demo.yaml model.pretrained=models:/cfgen-sd@champion
-    cfgen discover --config configs/discovery-bench.yaml
+    cfgen discover --config configs/phantom-bench-v2.yaml
 """
 
 from __future__ import annotations
