@@ -58,6 +58,7 @@ def run(command: str, job: JobConfig) -> dict[str, Any]:
     init_ray(job.ray, use_gpu=job.train.use_gpu, trains=command in TRAINING_COMMANDS)
     if command == "phantoms":
         return workflows.run_phantoms(job, out_uri=job.output_uri)
+    job = workflows.with_output_phantoms(job)
     if command == "ingest":
         return vars(workflows.run_ingest(job))
     if command == "train":

@@ -78,3 +78,23 @@ def test_an_ingest_rerun_with_other_captions_stops_instead_of_reusing_the_old_on
     omit = job.data.model_copy(update={"prompt": job.data.prompt.model_copy(update={"negatives": "omit"})})
     with pytest.raises(ValueError, match=r"data.prompt.negatives: 'state' -> 'omit'.*remove"):
         ingest(job.model_copy(update={"data": omit}))
+
+
+def test_a_job_after_the_demo_reads_the_demos_phantoms_and_so_reuses_its_ingest(tmp_path):
+    """`cfgen generate --config configs/demo.yaml` after `make demo`: no manifest in the config, the demo's phantoms in
+    the output. It used to stop at the demo's ingest, whose recorded settings name that manifest."""
+    from cfgen.pipeline.ingest import ingest_settings
+    from cfgen.pipeline.workflows import with_output_phantoms
+
+    job = JobConfig.model_validate({"output_uri": str(tmp_path / "run")})
+    assert with_output_phantoms(job) is job  # no phantoms there: the ingest says what is missing, as before
+    manifest = tmp_path / "run" / "phantoms" / "manifest.parquet"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"")
+    demo = job.model_copy(deep=True)
+    demo.data.manifest_uri = str(manifest)  # what the demo ingested with, and recorded
+    resolved = with_output_phantoms(job)
+    assert resolved.data.manifest_uri == str(manifest) and job.data.manifest_uri is None
+    check_reuse("ingest", ingest_settings(demo), ingest_settings(resolved), unrecorded_ok=False)
+    own = JobConfig.model_validate({"output_uri": str(tmp_path / "run"), "data": {"manifest_uri": "s3://b/m.csv"}})
+    assert with_output_phantoms(own).data.manifest_uri == "s3://b/m.csv"  # a manifest of its own is kept

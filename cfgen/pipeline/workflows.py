@@ -43,6 +43,22 @@ def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 5
     return {"out_uri": out, "n_images": len(rows), "reused": False, **paths}
 
 
+def with_output_phantoms(job: JobConfig) -> JobConfig:
+    """A job without `data.manifest_uri` reads the phantom data set its output folder holds (`cfgen demo` writes it
+    to `<output_uri>/phantoms/`), as the demo itself did: so `cfgen generate --config configs/demo.yaml` after `make
+    demo` edits the demo's images, scored against their truth, instead of stopping at the ingest the demo made from
+    that manifest (whose recorded settings name it)."""
+    if job.data.manifest_uri:
+        return job
+    manifest = join_uri(phantoms_uri(job), "manifest.parquet")
+    if not exists(manifest, job.storage):
+        return job
+    log.info("data.manifest_uri is not set: reading the phantoms this output holds, %s", manifest)
+    job = job.model_copy(deep=True)
+    job.data.manifest_uri = manifest
+    return job
+
+
 def phantom_config_for(job: JobConfig) -> PhantomConfig | None:
     """The phantom config saved next to the manifest, if the data set is a phantom set (enables true CFs)."""
     if not job.data.manifest_uri:
