@@ -178,11 +178,11 @@ def main() -> None:
     from cfgen.config import load_config
     from cfgen.pipeline.discover import run_discover
     from cfgen.pipeline.runtime import init_ray
-    from cfgen.pipeline.workflows import with_output_phantoms
+    from cfgen.pipeline.outputs import with_output_models, with_output_phantoms
 
     results = []
     for path in args.configs:
-        job = with_output_phantoms(load_config(path, args.set))  # as `cfgen discover` reads a demo's output
+        job = with_output_models(with_output_phantoms(load_config(path, args.set)))  # as `cfgen discover` does
         init_ray(job.ray)
         started = time.time()
         out = run_discover(job)

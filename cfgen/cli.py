@@ -20,6 +20,8 @@ from cfgen.config import JobConfig, load_config
 COMMANDS = ("demo", "phantoms", "ingest", "train", "classify", "generate", "discover")
 #: the commands that run Ray Train, and so want the dashboard's state API (`RayConfig.dashboard`; the demo asks itself)
 TRAINING_COMMANDS = ("train", "classify")
+#: jobs that edit: they use the model and classifier an earlier job trained into the output, where none is named
+EDITING_COMMANDS = ("generate", "discover")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, JobConfig]:
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, JobConfig]:
 
 def run(command: str, job: JobConfig) -> dict[str, Any]:
     """Run one job; `jobs/*.py` call this too, so every entry point runs the same code."""
-    from cfgen.pipeline import workflows
+    from cfgen.pipeline import outputs, workflows
     from cfgen.pipeline.runtime import init_ray
 
     if command == "demo":
@@ -58,7 +60,10 @@ def run(command: str, job: JobConfig) -> dict[str, Any]:
     init_ray(job.ray, use_gpu=job.train.use_gpu, trains=command in TRAINING_COMMANDS)
     if command == "phantoms":
         return workflows.run_phantoms(job, out_uri=job.output_uri)
-    job = workflows.with_output_phantoms(job)
+    # what an earlier job left in this output (a demo's phantoms, model and classifier), where the config names none
+    job = outputs.with_output_phantoms(job)
+    if command in EDITING_COMMANDS:
+        job = outputs.with_output_models(job)
     if command == "ingest":
         return vars(workflows.run_ingest(job))
     if command == "train":

@@ -84,7 +84,7 @@ def test_a_job_after_the_demo_reads_the_demos_phantoms_and_so_reuses_its_ingest(
     """`cfgen generate --config configs/demo.yaml` after `make demo`: no manifest in the config, the demo's phantoms in
     the output. It used to stop at the demo's ingest, whose recorded settings name that manifest."""
     from cfgen.pipeline.ingest import ingest_settings
-    from cfgen.pipeline.workflows import with_output_phantoms
+    from cfgen.pipeline.outputs import with_output_phantoms
 
     job = JobConfig.model_validate({"output_uri": str(tmp_path / "run")})
     assert with_output_phantoms(job) is job  # no phantoms there: the ingest says what is missing, as before

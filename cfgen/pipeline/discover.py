@@ -25,17 +25,6 @@ def discover_uri(job: JobConfig) -> str:
     return join_uri(job.output_uri, "discover")
 
 
-def model_to_edit(job: JobConfig) -> str:
-    """`model.pretrained`, else the model this output folder trained."""
-    if job.model.pretrained:
-        return job.model.pretrained
-    trained = join_uri(job.output_uri, "models", "finetuned")
-    if exists(join_uri(trained, "model_index.json"), job.storage):
-        return trained
-    raise ValueError("no model to discover with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
-                     f"or train one into {job.output_uri} first (cfgen train)")
-
-
 def training_metadata(job: JobConfig, decoded_uri: str, attributes: list[str]):
     """The attributes of the training split (only those columns are read): the data's own correlations."""
     import pyarrow.dataset as pds
@@ -138,6 +127,7 @@ def localization_notes(job: JobConfig) -> list[str]:
 def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str | None = None) -> dict[str, Any]:
     from cfgen.discovery.analysis import attribute_correlations, stream_subjects, summarize, to_json
     from cfgen.discovery.plans import plan
+    from cfgen.pipeline.outputs import model_to_edit
     from cfgen.pipeline.workflows import run_generate, run_ingest
     from cfgen.report.discovery import write_discovery_report
     from cfgen.tracking import runs
@@ -145,6 +135,9 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
     interventions = plan(job)  # a plan the template cannot say fails here, before any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     model_uri = model_uri or model_to_edit(job)
+    if not model_uri:
+        raise ValueError("no model to discover with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
+                         f"or train one into {job.output_uri} first (cfgen train)")
     out = discover_uri(job)
     generated = join_uri(out, f"generate-{generation_key(job, model_uri)}")
     for seed in job.discovery.seeds:

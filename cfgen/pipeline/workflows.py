@@ -15,12 +15,9 @@ import numpy as np
 
 from cfgen.config import JobConfig, PhantomConfig
 from cfgen.io.storage import exists, join_uri, parent_uri, read_bytes, write_bytes
+from cfgen.pipeline.outputs import model_to_edit, phantoms_uri
 
 log = logging.getLogger("cfgen")
-
-
-def phantoms_uri(job: JobConfig) -> str:
-    return join_uri(job.output_uri, "phantoms")
 
 
 def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 500) -> dict[str, Any]:
@@ -41,22 +38,6 @@ def run_phantoms(job: JobConfig, out_uri: str | None = None, shard_size: int = 5
     rows = [row for part in ray.get(refs) for row in part]
     paths = finish_phantoms(cfg, rows, out, job.storage)
     return {"out_uri": out, "n_images": len(rows), "reused": False, **paths}
-
-
-def with_output_phantoms(job: JobConfig) -> JobConfig:
-    """A job without `data.manifest_uri` reads the phantom data set its output folder holds (`cfgen demo` writes it
-    to `<output_uri>/phantoms/`), as the demo itself did: so `cfgen generate --config configs/demo.yaml` after `make
-    demo` edits the demo's images, scored against their truth, instead of stopping at the ingest the demo made from
-    that manifest (whose recorded settings name it)."""
-    if job.data.manifest_uri:
-        return job
-    manifest = join_uri(phantoms_uri(job), "manifest.parquet")
-    if not exists(manifest, job.storage):
-        return job
-    log.info("data.manifest_uri is not set: reading the phantoms this output holds, %s", manifest)
-    job = job.model_copy(deep=True)
-    job.data.manifest_uri = manifest
-    return job
 
 
 def phantom_config_for(job: JobConfig) -> PhantomConfig | None:
@@ -225,9 +206,10 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
 
     rules(job.edit, job.data.prompt)  # a bad plan fails here, before ingest or any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
-    model_uri = model_uri or job.model.pretrained
+    model_uri = model_uri or model_to_edit(job)
     if not model_uri:
-        raise ValueError("no model to edit with: set model.pretrained (a diffusers folder, s3:// or models:/ URI)")
+        raise ValueError("no model to edit with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
+                         f"or train one into {job.output_uri} first (cfgen train)")
     if model_uri.startswith("models:/"):
         from cfgen.tracking.runs import download_model
 

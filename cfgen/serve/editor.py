@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from cfgen.config import EditConfig, JobConfig
+from cfgen.pipeline.outputs import classifier_to_use
 
 log = logging.getLogger("cfgen.serve")
 
@@ -86,11 +87,11 @@ class Editor:
         except (OSError, ValueError):
             self.model_version = ""
         self.classifier = None
-        if job.classifier.pretrained:
+        classifier = classifier_to_use(job)  # named, else the one `make demo` trained into the output
+        if classifier:
             from cfgen.classify.store import load_classifier
 
-            self.classifier = load_classifier(job.classifier.pretrained, job.storage, job.tracking,
-                                              device=self.device)
+            self.classifier = load_classifier(classifier, job.storage, job.tracking, device=self.device)
         self._lock = threading.Lock()  # one engine call at a time per replica (the UNet is not re-entrant)
 
     # ---------------------------------------------------------------------------------------------- description
