@@ -42,3 +42,12 @@ def test_an_editing_job_chooses_with_the_classifier_the_output_trained_unless_on
     assert with_output_models(job).classifier.pretrained == str(folder) and job.classifier.pretrained is None
     named = _job(tmp_path, classifier={"pretrained": "models:/cfgen-classifier@champion"})
     assert classifier_to_use(named) == "models:/cfgen-classifier@champion"
+
+
+def test_serve_loads_what_an_editing_job_of_its_config_would(tmp_path):
+    from cfgen.serve.editor import model_reference
+
+    assert model_reference(_job(tmp_path)) == "models:/cfgen-sd@champion"  # nothing here: the registry's alias
+    trained = _fine_tuned(tmp_path, str(tmp_path / "base"))
+    assert model_reference(_job(tmp_path, model={"pretrained": str(tmp_path / "base")})) == trained
+    assert model_reference(_job(tmp_path, serve={"model_uri": "s3://b/sd"})) == "s3://b/sd"

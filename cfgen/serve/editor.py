@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cfgen.config import EditConfig, JobConfig
-from cfgen.pipeline.outputs import classifier_to_use
+from cfgen.pipeline.outputs import classifier_to_use, model_to_edit
 
 log = logging.getLogger("cfgen.serve")
 
@@ -53,11 +53,15 @@ class EditOutcome:
     setting: dict[str, Any] = field(default_factory=dict)  # the sweep setting kept ({} without a sweep)
 
 
-def resolve_model(job: JobConfig) -> str:
-    """The folder to load: serve.model_uri, else model.pretrained, else the registry alias; `models:/` URIs are
-    downloaded from MLflow."""
-    uri = job.serve.model_uri or job.model.pretrained or \
-        f"models:/{job.tracking.registered_model}@{job.tracking.alias}"
+def model_reference(job: JobConfig) -> str:
+    """The model to serve: serve.model_uri, else the one an editing job of this config uses (the output's fine-tuned
+    model, or model.pretrained: `cfgen.pipeline.outputs.model_to_edit`), else the registry alias."""
+    return job.serve.model_uri or model_to_edit(job) or f"models:/{job.tracking.registered_model}@{job.tracking.alias}"
+
+
+def resolve_model(job: JobConfig, uri: str | None = None) -> str:
+    """The folder to load (`model_reference`); `models:/` URIs are downloaded from MLflow."""
+    uri = uri or model_reference(job)
     if uri.startswith("models:/"):
         from cfgen.tracking.runs import download_model
 
@@ -78,7 +82,8 @@ class Editor:
 
         check_hold(job.edit.hold, job.data.prompt)  # a bad edit.hold fails the deployment, not every request
         self.job = job
-        self.model_uri = resolve_model(job)
+        self.model_reference = model_reference(job)
+        self.model_uri = resolve_model(job, self.model_reference)
         self.device = pick_device(job.model.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(self.model_uri, job.storage, device=self.device, dtype=dtype)
@@ -110,8 +115,7 @@ class Editor:
                                     "shift": "{\"shift\": 10} adds 10 years"}
         s = self.job.serve
         return {
-            "model_uri": self.job.serve.model_uri or self.job.model.pretrained or
-            f"models:/{self.job.tracking.registered_model}@{self.job.tracking.alias}",
+            "model_uri": self.model_reference,
             "model_version": self.model_version, "resolution": self.job.data.decode.size,
             "attributes": attributes, "methods": list(METHODS), "default_method": self.job.edit.method,
             "default_steps": self.job.edit.num_inference_steps, "default_guidance": self.job.edit.guidance_scale,
