@@ -188,7 +188,8 @@ def main() -> None:
         out = run_discover(job)
         scored = score(job, out)
         scored.update(config=path, overrides=args.set, seconds=round(time.time() - started, 1),
-                      method=job.edit.method, steps=job.edit.num_inference_steps, guidance=job.edit.guidance_scale)
+                      method=job.discovery_edit().method, steps=job.discovery_edit().num_inference_steps,
+                      guidance=job.discovery_edit().guidance_scale, edit_guidance=job.discovery_edit().edit_guidance)
         results.append(scored)
         print_block(scored)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

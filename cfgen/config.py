@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 #: Attributes the phantom SCM renders, and the default attributes prompts describe.
 PHANTOM_ATTRIBUTES = ("sex", "age", "smoking", "support_devices", "pleural_effusion", "cardiomegaly")
@@ -559,6 +559,12 @@ class DiscoveryConfig(_Section):
                                                                         "not flagged, however significant")
     per_unit: dict[str, float] = Field({"age": 10.0}, description="effect sizes per this many units (per decade)")
     limit: int | None = Field(None, ge=1, description="at most this many subjects (test runs)")
+    edit: dict[str, Any] = Field(
+        {}, description="edit settings of discovery's counterfactuals, over the `edit` section's (e.g. {edit_guidance: "
+                        "3}): generation wants the least change that makes each edit, discovery a population's size "
+                        "and what the model entangles, which the classifier-chosen least change understates (on the "
+                        "phantoms a sweep kept 1.5x and read smoking at 0.56x where one 3x scale read 1.00x; "
+                        "bench/RESULTS.md)")
     examples: int = Field(6, ge=0, description="factual | counterfactual pairs shown per intervention")
     batch_rows: int = Field(256, ge=1, description="rows per batch of the analysis: an actor reads this many rows' "
                                                     "images at a time, the driver streams their numbers in batches "
@@ -645,6 +651,21 @@ class JobConfig(_Section):
     serve: ServeConfig = ServeConfig()
 
     _local_output = field_validator("output_uri")(lambda cls, v: _absolute(v))
+
+    @model_validator(mode="after")
+    def _discovery_edit(self) -> "JobConfig":
+        if self.discovery.edit:  # a bad override fails with the config, before any job starts
+            try:
+                self.discovery_edit()
+            except ValidationError as e:
+                raise ValueError(f"discovery.edit does not make a valid edit section: {e}") from None
+        return self
+
+    def discovery_edit(self) -> EditConfig:
+        """The edit settings discovery edits with: `discovery.edit` over `edit`."""
+        if not self.discovery.edit:
+            return self.edit
+        return EditConfig.model_validate({**self.edit.model_dump(mode="python"), **self.discovery.edit})
 
 
 def _absolute(uri: str) -> str:

@@ -398,3 +398,19 @@ def test_discovery_says_when_its_edits_are_confined_to_where_they_change_most():
     (note,) = localization_notes(job(confine="mask"))
     assert "edit.confine" in note and "threshold" not in note
     assert localization_notes(job()) == []  # unconfined: nothing to say
+
+
+def test_discovery_edits_with_its_own_settings_over_the_generations():
+    import pydantic
+
+    from cfgen.config import JobConfig
+
+    job = JobConfig.model_validate({"edit": {"method": "ddpm", "edit_guidance": [1.5, 2.0, 3.0], "edit_threshold": 0.9},
+                                    "discovery": {"edit": {"edit_guidance": 3}}})
+    assert job.discovery_edit().edit_guidance == 3.0 and job.discovery_edit().edit_threshold == 0.9
+    assert job.edit.edit_guidance == [1.5, 2.0, 3.0]  # the generation job's own settings are untouched
+    assert JobConfig().discovery_edit() == JobConfig().edit
+    with pytest.raises(pydantic.ValidationError, match="discovery.edit does not make a valid edit section"):
+        JobConfig.model_validate({"discovery": {"edit": {"edit_guidanc": 3}}})
+    with pytest.raises(pydantic.ValidationError, match="discovery.edit"):  # directed editing needs ddpm
+        JobConfig.model_validate({"edit": {"method": "ddim"}, "discovery": {"edit": {"edit_guidance": 3}}})

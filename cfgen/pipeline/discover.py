@@ -132,6 +132,9 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
     from cfgen.report.discovery import write_discovery_report
     from cfgen.tracking import runs
 
+    # discovery's own edit settings over the generation's (`discovery.edit`): every part below, the generation key,
+    # the notes and the report, reads them from `job.edit`
+    job = job.model_copy(update={"edit": job.discovery_edit()})
     interventions = plan(job)  # a plan the template cannot say fails here, before any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
     model_uri = model_uri or model_to_edit(job)
