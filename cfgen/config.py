@@ -652,20 +652,17 @@ class JobConfig(_Section):
 
     _local_output = field_validator("output_uri")(lambda cls, v: _absolute(v))
 
-    @model_validator(mode="after")
-    def _discovery_edit(self) -> "JobConfig":
-        if self.discovery.edit:  # a bad override fails with the config, before any job starts
-            try:
-                self.discovery_edit()
-            except ValidationError as e:
-                raise ValueError(f"discovery.edit does not make a valid edit section: {e}") from None
-        return self
-
     def discovery_edit(self) -> EditConfig:
-        """The edit settings discovery edits with: `discovery.edit` over `edit`."""
+        """The edit settings discovery edits with: `discovery.edit` over `edit`. Checked when discovery starts, not
+        with the config: other jobs may override `edit` (say `edit.method=ddim`) in ways discovery's settings do not
+        fit."""
         if not self.discovery.edit:
             return self.edit
-        return EditConfig.model_validate({**self.edit.model_dump(mode="python"), **self.discovery.edit})
+        try:
+            return EditConfig.model_validate({**self.edit.model_dump(mode="python"), **self.discovery.edit})
+        except ValidationError as e:
+            raise ValueError(f"discovery.edit {self.discovery.edit} over this edit section is no valid edit section "
+                             f"(set discovery.edit to fit edit.method, or to {{}}): {e}") from None
 
 
 def _absolute(uri: str) -> str:

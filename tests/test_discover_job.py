@@ -34,6 +34,7 @@ def discovered(tmp_path_factory, ray_local):
         f"output_uri={root}/run", f"tracking.tracking_uri=sqlite:///{root}/m.db", "phantoms.n=48",
         f"model.pretrained={root}/sd", f"classifier.pretrained={root}/clf", f"classifier.attributes={attributes}",
         "edit.method=ddim", "edit.edit_guidance=1", "edit.edit_threshold=0",  # the demo edits directed (ddpm only)
+        "discovery.edit={}",  # and discovers at 3x
         "edit.num_inference_steps=2", "edit.batch_size=8", "edit.age_range=[20, 90]",
         "discovery.interventions=[{smoking: 1}, {age: {shift: 30}}]", "discovery.null_controls=[{support_devices: 1}]",
         "discovery.splits=[train, validate, test]", "discovery.seeds=[0, 1]", "discovery.limit=16",
