@@ -31,6 +31,15 @@ def test_an_editing_job_uses_the_model_its_config_trained_not_the_base_it_traine
     assert model_to_edit(_job(tmp_path, model={"pretrained": named})) == named
 
 
+def test_a_fine_tuned_model_that_did_not_record_its_base_is_not_guessed_at(tmp_path, caplog):
+    base = str(tmp_path / "base")
+    _fine_tuned(tmp_path, base)
+    (tmp_path / "run" / "models" / "finetuned.json").write_text(json.dumps({"model_uri": "x"}))  # before settings
+    with caplog.at_level("WARNING", logger="cfgen"):
+        assert model_to_edit(_job(tmp_path, model={"pretrained": base})) == base
+    assert "before cfgen recorded" in caplog.text and "models/finetuned" in caplog.text
+
+
 def test_an_editing_job_chooses_with_the_classifier_the_output_trained_unless_one_is_named(tmp_path):
     job = _job(tmp_path)
     assert classifier_to_use(job) is None and with_output_models(job) is job

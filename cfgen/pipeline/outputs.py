@@ -59,6 +59,10 @@ def model_to_edit(job: JobConfig) -> str | None:
     if recorded and recorded.get("model", {}).get("pretrained") == job.model.pretrained:
         log.info("editing with the model this output fine-tuned from model.pretrained, %s", trained)
         return trained
+    if exists(marker, job.storage) and not recorded:
+        log.warning("%s holds a fine-tuned model written before cfgen recorded what it was trained from: editing "
+                    "with model.pretrained as named, %s (set model.pretrained=%s to edit with the fine-tuned one)",
+                    job.output_uri, job.model.pretrained, trained)
     return job.model.pretrained
 
 
