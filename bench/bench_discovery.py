@@ -187,9 +187,10 @@ def main() -> None:
         started = time.time()
         out = run_discover(job)
         scored = score(job, out)
+        edit = job.discovery_edit()
         scored.update(config=path, overrides=args.set, seconds=round(time.time() - started, 1),
-                      method=job.discovery_edit().method, steps=job.discovery_edit().num_inference_steps,
-                      guidance=job.discovery_edit().guidance_scale, edit_guidance=job.discovery_edit().edit_guidance)
+                      method=edit.method, steps=edit.num_inference_steps, guidance=edit.guidance_scale,
+                      edit_guidance=edit.edit_guidance)
         results.append(scored)
         print_block(scored)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -16,15 +16,12 @@ from typing import Any
 import numpy as np
 
 from cfgen.config import JobConfig
-from cfgen.io.storage import exists, join_uri, read_bytes
+from cfgen.io.storage import exists, read_bytes
+from cfgen.pipeline.outputs import trained_classifier_marker, trained_classifier_uri
 
 log = logging.getLogger("cfgen")
 
 EVALUATION_FILE = "evaluation.json"
-
-
-def classifier_uri(job: JobConfig) -> str:
-    return join_uri(job.output_uri, "models", "classifier")
 
 
 def _check_columns(job: JobConfig, decoded_uri: str) -> None:
@@ -118,8 +115,7 @@ def run_classify(job: JobConfig, decoded_uri: str | None = None) -> dict[str, An
         load_classifier(cfg.pretrained, job.storage, job.tracking, architecture=cfg.architecture)  # fails early
         return {"classifier_uri": cfg.pretrained, "evaluation": _stored_evaluation(job, cfg.pretrained),
                 "reused": True}
-    out = classifier_uri(job)
-    marker = join_uri(out, "registered.json")
+    out, marker = trained_classifier_uri(job), trained_classifier_marker(job)
     if exists(marker, job.storage):
         return json.loads(read_bytes(marker, job.storage))
     if decoded_uri is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cfgen.config import JobConfig
-from cfgen.io.storage import exists, join_uri, pyarrow_filesystem, write_bytes
+from cfgen.io.storage import join_uri, pyarrow_filesystem, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def localization_notes(job: JobConfig) -> list[str]:
 def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str | None = None) -> dict[str, Any]:
     from cfgen.discovery.analysis import attribute_correlations, stream_subjects, summarize, to_json
     from cfgen.discovery.plans import plan
-    from cfgen.pipeline.outputs import model_to_edit
+    from cfgen.pipeline.outputs import required_model_to_edit
     from cfgen.pipeline.workflows import run_generate, run_ingest
     from cfgen.report.discovery import write_discovery_report
     from cfgen.tracking import runs
@@ -137,10 +137,7 @@ def run_discover(job: JobConfig, decoded_uri: str | None = None, model_uri: str 
     job = job.model_copy(update={"edit": job.discovery_edit()})
     interventions = plan(job)  # a plan the template cannot say fails here, before any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
-    model_uri = model_uri or model_to_edit(job)
-    if not model_uri:
-        raise ValueError("no model to discover with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
-                         f"or train one into {job.output_uri} first (cfgen train)")
+    model_uri = model_uri or required_model_to_edit(job, "discover")
     out = discover_uri(job)
     generated = join_uri(out, f"generate-{generation_key(job, model_uri)}")
     for seed in job.discovery.seeds:

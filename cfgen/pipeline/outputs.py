@@ -25,8 +25,18 @@ def trained_model_uri(job: JobConfig) -> str:
     return join_uri(job.output_uri, "models", "finetuned")
 
 
+def trained_model_marker(job: JobConfig) -> str:
+    """Written by `cfgen train` when the model is finished: its summary and the settings it was trained with."""
+    return join_uri(job.output_uri, "models", "finetuned.json")
+
+
 def trained_classifier_uri(job: JobConfig) -> str:
     return join_uri(job.output_uri, "models", "classifier")
+
+
+def trained_classifier_marker(job: JobConfig) -> str:
+    """Written by `cfgen classify` when the classifier is saved and registered."""
+    return join_uri(trained_classifier_uri(job), "registered.json")
 
 
 def with_output_phantoms(job: JobConfig) -> JobConfig:
@@ -54,12 +64,14 @@ def model_to_edit(job: JobConfig) -> str | None:
         return job.model.pretrained
     if not job.model.pretrained:
         return trained
-    marker = join_uri(job.output_uri, "models", "finetuned.json")
-    recorded = json.loads(read_bytes(marker, job.storage)).get("settings") if exists(marker, job.storage) else None
+    marker = trained_model_marker(job)
+    if not exists(marker, job.storage):
+        return job.model.pretrained
+    recorded = json.loads(read_bytes(marker, job.storage)).get("settings")
     if recorded and recorded.get("model", {}).get("pretrained") == job.model.pretrained:
         log.info("editing with the model this output fine-tuned from model.pretrained, %s", trained)
         return trained
-    if exists(marker, job.storage) and not recorded:
+    if not recorded:
         log.warning("%s holds a fine-tuned model written before cfgen recorded what it was trained from: editing "
                     "with model.pretrained as named, %s (set model.pretrained=%s to edit with the fine-tuned one)",
                     job.output_uri, job.model.pretrained, trained)
@@ -70,8 +82,16 @@ def classifier_to_use(job: JobConfig) -> str | None:
     """`classifier.pretrained`, else the attribute classifier this output folder trained (None: neither)."""
     if job.classifier.pretrained:
         return job.classifier.pretrained
-    trained = trained_classifier_uri(job)
-    return trained if exists(join_uri(trained, "registered.json"), job.storage) else None
+    return trained_classifier_uri(job) if exists(trained_classifier_marker(job), job.storage) else None
+
+
+def required_model_to_edit(job: JobConfig, what: str) -> str:
+    """`model_to_edit`, or an error that says how to name or make one (`what`: the job, for the message)."""
+    model = model_to_edit(job)
+    if not model:
+        raise ValueError(f"no model to {what} with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
+                         f"or train one into {job.output_uri} first (cfgen train)")
+    return model
 
 
 def with_output_models(job: JobConfig) -> JobConfig:

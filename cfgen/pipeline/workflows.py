@@ -15,7 +15,7 @@ import numpy as np
 
 from cfgen.config import JobConfig, PhantomConfig
 from cfgen.io.storage import exists, join_uri, parent_uri, read_bytes, write_bytes
-from cfgen.pipeline.outputs import model_to_edit, phantoms_uri
+from cfgen.pipeline.outputs import phantoms_uri, required_model_to_edit, trained_model_marker, trained_model_uri
 
 log = logging.getLogger("cfgen")
 
@@ -147,8 +147,7 @@ def run_train(job: JobConfig, decoded_uri: str | None = None) -> dict[str, Any]:
     from cfgen.train.loop import deepspeed_config
     from cfgen.train.trainer import fine_tune
 
-    output = join_uri(job.output_uri, "models", "finetuned")
-    marker = join_uri(job.output_uri, "models", "finetuned.json")
+    output, marker = trained_model_uri(job), trained_model_marker(job)
     if exists(marker, job.storage):  # finished earlier: training is not repeated, unless asked to go further
         from cfgen.pipeline.reuse import check_reuse
 
@@ -206,10 +205,7 @@ def run_generate(job: JobConfig, model_uri: str | None = None, decoded_uri: str 
 
     rules(job.edit, job.data.prompt)  # a bad plan fails here, before ingest or any editing
     decoded_uri = decoded_uri or run_ingest(job).decoded_uri
-    model_uri = model_uri or model_to_edit(job)
-    if not model_uri:
-        raise ValueError("no model to edit with: set model.pretrained (a diffusers folder, s3:// or models:/ URI) "
-                         f"or train one into {job.output_uri} first (cfgen train)")
+    model_uri = model_uri or required_model_to_edit(job, "edit")
     if model_uri.startswith("models:/"):
         from cfgen.tracking.runs import download_model
 
